@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs the system packages Leap's tests need (QEMU from bookworm-backports, a guest kernel,
-# busybox, fio, the aarch64 cross toolchain). Idempotent; needs root. Prints what it does.
+# Installs the system packages Leap's tests need (QEMU and qemu-storage-daemon from
+# bookworm-backports, a guest kernel, busybox, fio, the aarch64 cross toolchain). Idempotent and
+# quick when everything is there; needs root (skips otherwise). Prints what it does.
+# LEAP_INSTALL_ARM64=0 skips the aarch64 cross toolchain.
 set -euo pipefail
 
 if [ "$(id -u)" != 0 ]; then
@@ -28,7 +30,7 @@ if [ "$want_arm64" = 1 ] && ! dpkg --print-foreign-architectures | grep -qx arm6
   updated=0
 fi
 
-for p in qemu-system-x86 linux-image-amd64 busybox-static fio cpio kmod; do need "$p"; done
+for p in qemu-system-x86 qemu-utils linux-image-amd64 busybox-static fio cpio kmod util-linux gzip; do need "$p"; done
 if [ "$want_arm64" = 1 ]; then
   for p in rustc-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static; do need "$p"; done
 fi
@@ -38,17 +40,17 @@ if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
 echo "install-deps: installing ${missing[*]}"
-if [ "$updated" = 0 ] || [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock)" ]; then
-  apt-get update -o DPkg::Lock::Timeout=300
-else
-  apt-get update -o DPkg::Lock::Timeout=300
+if [ "$updated" = 0 ]; then
+  echo "install-deps: apt sources changed: apt-get update"
 fi
+apt-get update -o DPkg::Lock::Timeout=300
 pkgs=()
 for p in "${missing[@]}"; do
   case "$p" in
     qemu-system-x86) pkgs+=(qemu-system-x86/bookworm-backports qemu-system-common/bookworm-backports
                            qemu-system-data/bookworm-backports seabios/bookworm-backports
                            qemu-utils/bookworm-backports qemu-block-extra/bookworm-backports) ;;
+    qemu-utils) pkgs+=(qemu-utils/bookworm-backports) ;;   # qemu-storage-daemon (peer anchor)
     qemu-user-static) pkgs+=(qemu-user-static/bookworm-backports) ;;
     *) pkgs+=("$p") ;;
   esac

@@ -132,7 +132,11 @@ const _: () = assert!(offset_of!(Sqe, cdw15) == 60);
 impl Sqe {
     /// A zeroed entry with the given opcode and command identifier.
     pub fn new(opcode: u8, cid: u16) -> Self {
-        Sqe { cdw0: (opcode as u32) | ((cid as u32) << 16), ..Default::default() }.to_le()
+        Sqe {
+            cdw0: (opcode as u32) | ((cid as u32) << 16),
+            ..Default::default()
+        }
+        .to_le()
     }
 
     /// Converts every field between host order and little-endian (a no-op on little-endian hosts).
@@ -293,7 +297,11 @@ const _: () = assert!(offset_of!(Cqe, status) == 14);
 impl Cqe {
     /// A completion for `cid` with `status` and the phase bit clear.
     pub fn new(cid: u16, status: Status) -> Self {
-        Cqe { cid: cid.to_le(), status: (status.raw() << 1).to_le(), ..Default::default() }
+        Cqe {
+            cid: cid.to_le(),
+            status: (status.raw() << 1).to_le(),
+            ..Default::default()
+        }
     }
     /// The command identifier.
     pub fn cid(&self) -> u16 {
@@ -480,6 +488,9 @@ impl core::fmt::Display for Status {
     }
 }
 
+/// A failed status is an error value: walkers and back ends return `Result<_, Status>`.
+impl std::error::Error for Status {}
+
 /// SGL descriptor types (Base Specification 2.0, figure 115).
 pub mod sgl_type {
     /// SGL Data Block.
@@ -527,7 +538,12 @@ const _: () = assert!(offset_of!(SglDescriptor, id) == 15);
 impl SglDescriptor {
     /// A descriptor of the given type and subtype.
     pub fn new(ty: u8, subtype: u8, addr: u64, len: u32) -> Self {
-        SglDescriptor { addr: addr.to_le(), len: len.to_le(), rsvd: [0; 3], id: (ty << 4) | (subtype & 0xf) }
+        SglDescriptor {
+            addr: addr.to_le(),
+            len: len.to_le(),
+            rsvd: [0; 3],
+            id: (ty << 4) | (subtype & 0xf),
+        }
     }
     /// A Data Block descriptor with a memory address.
     pub fn data(addr: u64, len: u32) -> Self {
@@ -591,7 +607,11 @@ const _: () = assert!(size_of::<DsmRange>() == 16);
 impl DsmRange {
     /// A range of `nlb` blocks from `slba`.
     pub fn new(slba: u64, nlb: u32) -> Self {
-        DsmRange { cattr: 0, nlb: nlb.to_le(), slba: slba.to_le() }
+        DsmRange {
+            cattr: 0,
+            nlb: nlb.to_le(),
+            slba: slba.to_le(),
+        }
     }
     /// Starting LBA.
     pub fn slba(&self) -> u64 {
@@ -606,7 +626,8 @@ impl DsmRange {
         DsmRange {
             cattr: u32::from_le_bytes([b[0], b[1], b[2], b[3]]).to_le(),
             nlb: u32::from_le_bytes([b[4], b[5], b[6], b[7]]).to_le(),
-            slba: u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]).to_le(),
+            slba: u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]])
+                .to_le(),
         }
     }
 }
@@ -662,6 +683,9 @@ mod tests {
         assert_eq!(s.psdt(), psdt::SGL_MPTR_CONTIG);
         let back = s.sgl1();
         assert_eq!(back, d);
-        assert_eq!((back.ty(), back.subtype(), back.addr(), back.len()), (3, 1, 0x40, 48));
+        assert_eq!(
+            (back.ty(), back.subtype(), back.addr(), back.len()),
+            (3, 1, 0x40, 48)
+        );
     }
 }

@@ -1,1 +1,18 @@
-//! placeholder
+//! leap-runtime: address spaces, pollers and storage back ends.
+//!
+//! The runtime executes NVMe commands. Front ends hand it commands on in-process queue pairs
+//! through the [`Port`] trait; a [`Poller`] thread runs them to completion against a
+//! [`backend::Backend`], translating guest addresses through an [`AddressSpace`]. Nothing here
+//! knows about virtio or the command line.
+
+pub mod addr;
+pub mod backend;
+pub mod exec;
+pub mod poller;
+pub mod ratelimit;
+pub mod stats;
+
+pub use addr::{AddrError, AddressSpace, Piece, Region};
+pub use exec::Namespace;
+pub use poller::{PairId, Poller, PollerConfig, PollerError, PollerStats, Port, Waker};
+pub use stats::IoStats;

@@ -1,1 +1,160 @@
-fn main() {}
+//! leapd: the Leap daemon.
+
+mod bench;
+mod diskspec;
+mod platform;
+mod serve;
+mod signals;
+
+use clap::{Parser, Subcommand};
+use diskspec::{DiskSpec, DISK_SYNTAX};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "leapd",
+    version,
+    about = "Leap: virtual NVMe storage runtime serving vhost-user-blk disks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve a disk over vhost-user-blk. With no options: ./leapd-data/disk0.img (8 GiB, sparse,
+    /// created if absent) on ./leapd-data/disk0.sock.
+    Serve(ServeArgs),
+    /// Measure the data path in-process (in-process vhost-user driver → leapd → back end).
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Unix socket to listen on.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// The disk.
+    #[arg(long, value_name = "SPEC", long_help = format!("The disk: {DISK_SYNTAX}. size creates or grows a sparse file; without size the file must exist."))]
+    disk: Option<DiskSpec>,
+    /// Number of virtqueues (default: one per CPU, at most 4).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=32))]
+    queues: Option<u16>,
+    /// Logical block size reported to the guest.
+    #[arg(long, value_name = "BYTES", default_value_t = 512, value_parser = parse_block_size)]
+    block_size: u32,
+    /// Permissions of the socket, in octal.
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    socket_mode: u32,
+    /// Number of poller threads (default: one per queue, at most one per CPU).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pollers: Option<u16>,
+    /// Microseconds a poller keeps polling an idle disk before it sleeps.
+    #[arg(long, value_name = "US", default_value_t = 50)]
+    idle_spin_us: u64,
+    /// Pin each poller to its own CPU.
+    #[arg(long)]
+    pin: bool,
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" | "4k" | "4K" => Ok(4096),
+        _ => Err(format!("block size must be 512 or 4096, not `{s}`")),
+    }
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("bad socket mode `{s}`: use octal like 0600"))
+}
+
+fn default_queues() -> u16 {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(4) as u16
+}
+
+fn serve(a: ServeArgs) -> Result<(), String> {
+    let embedded = a.socket.is_none() && a.disk.is_none();
+    let (socket, disk) = match (a.socket, a.disk) {
+        (Some(s), Some(d)) => (s, d),
+        (None, None) => {
+            let dir = PathBuf::from("leapd-data");
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            let img = dir.join("disk0.img");
+            let size = if img.exists() { None } else { Some(8u64 << 30) };
+            if size.is_some() {
+                log::info!("creating {} (8 GiB, sparse)", img.display());
+            }
+            let disk = DiskSpec {
+                kind: diskspec::DiskKind::File(img),
+                size,
+                direct: false,
+                read_only: false,
+            };
+            (dir.join("disk0.sock"), disk)
+        }
+        (None, Some(_)) => {
+            return Err("--disk needs --socket too (or give neither for the default disk)".into())
+        }
+        (Some(_), None) => {
+            return Err("--socket needs --disk too (or give neither for the default disk)".into())
+        }
+    };
+    let opts = serve::ServeOptions {
+        socket,
+        disk,
+        queues: a.queues.unwrap_or_else(default_queues),
+        block_size: a.block_size,
+        socket_mode: a.socket_mode,
+        pollers: a.pollers.map(|p| p as usize),
+        idle_spin: Duration::from_micros(a.idle_spin_us),
+        pin: a.pin,
+    };
+    let platform = platform::detect();
+    serve::run(&*platform, &opts, |o| print_attach(o, embedded))
+}
+
+/// Prints the QEMU arguments that attach the served disk.
+fn print_attach(o: &serve::ServeOptions, embedded: bool) {
+    let sock = std::fs::canonicalize(&o.socket).unwrap_or_else(|_| o.socket.clone());
+    if embedded {
+        println!("leapd: serving the default disk; stop with Ctrl-C.");
+    }
+    println!("leapd: attach it to a QEMU guest with:");
+    println!(
+        "  -object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem -m 1G \\\n  \
+         -chardev socket,id=leap0,path={} -device vhost-user-blk-pci,chardev=leap0,num-queues={}",
+        sock.display(),
+        o.queues
+    );
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Serve(a) => serve(a),
+        Cmd::Bench(a) => bench::run(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("leapd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Storage back ends behind one trait pair: a [`Backend`] is a disk shared by every queue; each
+//! poller opens its own [`BackendQueue`] on it (an io_uring instance, say) so the data path needs no
+//! lock.
+//!
+//! Requests carry byte offsets and iovecs that point straight into guest memory (translated by the
+//! caller through an [`crate::AddressSpace`]), so reads and writes are zero-copy.
+
+use leap_queues::Status;
+use std::os::fd::RawFd;
+
+pub mod file;
+pub mod null;
+pub mod ram;
+mod sync_io;
+
+pub use file::{FileBackend, FileOptions};
+pub use null::NullBackend;
+pub use ram::RamBackend;
+
+/// The most iovecs one request may carry.
+pub const MAX_IOVECS: usize = 256;
+
+/// What a disk is and can do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Size in bytes (a multiple of `block_size`).
+    pub size: u64,
+    /// Logical block size in bytes: 512 or 4096.
+    pub block_size: u32,
+    /// Whether writes are refused.
+    pub read_only: bool,
+    /// Whether Discard (deallocate) does anything.
+    pub discard: bool,
+    /// Whether Write Zeroes is supported natively.
+    pub write_zeroes: bool,
+    /// Whether completed writes may sit in a volatile cache until a Flush.
+    pub volatile_cache: bool,
+    /// A short identifier (at most 20 bytes are reported to guests).
+    pub serial: String,
+}
+
+impl DiskInfo {
+    /// log2 of the block size.
+    pub fn block_shift(&self) -> u32 {
+        self.block_size.trailing_zeros()
+    }
+    /// Number of logical blocks.
+    pub fn blocks(&self) -> u64 {
+        self.size >> self.block_shift()
+    }
+}
+
+/// One back-end operation. Offsets and lengths are in bytes and already checked against the
+/// disk's size by the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoOp {
+    /// Read into the iovecs.
+    Read,
+    /// Write from the iovecs; `fua`: durable when it completes.
+    Write {
+        /// Force unit access.
+        fua: bool,
+    },
+    /// Make every completed write durable.
+    Flush,
+    /// Deallocate a range (contents become unspecified; Leap's back ends read zeros).
+    Discard,
+    /// Zero a range; `unmap`: it may also be deallocated.
+    WriteZeroes {
+        /// Deallocate while zeroing.
+        unmap: bool,
+    },
+}
+
+/// One request to a [`BackendQueue`].
+#[derive(Debug)]
+pub struct IoRequest<'a> {
+    /// Returned with the completion.
+    pub tag: u64,
+    /// What to do.
+    pub op: IoOp,
+    /// Byte offset on the disk.
+    pub offset: u64,
+    /// Byte length (for Read/Write equal to the iovecs' total).
+    pub len: u64,
+    /// Data buffers for Read and Write; empty otherwise.
+    pub iov: &'a [libc::iovec],
+}
+
+/// The result of [`BackendQueue::submit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Submitted {
+    /// Finished already, with this status.
+    Done(Status),
+    /// In flight: the completion comes from [`BackendQueue::poll`].
+    Queued,
+}
+
+/// Why a back end could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// An operating system call failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file concerned.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A parameter is unusable.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A disk shared by all queues.
+pub trait Backend: Send + Sync {
+    /// What the disk is.
+    fn info(&self) -> &DiskInfo;
+    /// Opens a queue for one poller with room for `depth` requests in flight.
+    fn open_queue(&self, depth: usize) -> Result<Box<dyn BackendQueue>, BackendError>;
+    /// A short name for logs ("null", "ram", "file").
+    fn kind(&self) -> &'static str;
+}
+
+/// One poller's queue on a [`Backend`]. Not shared: all calls come from the owning poller thread.
+pub trait BackendQueue: Send {
+    /// Starts `req`.
+    ///
+    /// # Safety
+    /// The memory the iovecs describe must stay valid (mapped, and not otherwise used for the
+    /// direction being transferred) until the completion for `req.tag` is returned by
+    /// [`BackendQueue::poll`] or `Done` is returned here. The iovec array itself is copied.
+    unsafe fn submit(&mut self, req: &IoRequest<'_>) -> Submitted;
+    /// Hands queued requests to the kernel: one call per poll round batches them.
+    fn flush(&mut self);
+    /// Calls `done(tag, status)` for each finished request; returns how many.
+    fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize;
+    /// Requests in flight.
+    fn in_flight(&self) -> usize;
+    /// A file descriptor that becomes readable when completions arrive, for the poller to sleep
+    /// on; `None` for back ends that finish everything inside `submit`.
+    fn wake_fd(&self) -> Option<RawFd>;
+    /// Consumes pending wake-ups on `wake_fd` before the poller re-checks for work and sleeps.
+    fn clear_wake(&mut self) {}
+}
+
+/// Maps an OS error number from a failed operation to an NVMe status.
+pub fn errno_status(op: IoOp, errno: i32) -> Status {
+    match (op, errno) {
+        (_, libc::ENOSPC) | (_, libc::EDQUOT) => {
+            Status::new(leap_queues::nvme::StatusCodeType::Generic, 0x81).with_dnr()
+        }
+        (_, libc::EOPNOTSUPP) | (_, libc::EINVAL) => Status::INVALID_FIELD,
+        (IoOp::Read, _) => Status::UNRECOVERED_READ_ERROR,
+        (IoOp::Write { .. }, _)
+        | (IoOp::WriteZeroes { .. }, _)
+        | (IoOp::Flush, _)
+        | (IoOp::Discard, _) => Status::WRITE_FAULT,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::*;
+
+    /// Submits one request and waits for it, polling.
+    pub fn run(q: &mut dyn BackendQueue, op: IoOp, offset: u64, buf: &mut [u8]) -> Status {
+        let iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        let has_data = matches!(op, IoOp::Read | IoOp::Write { .. });
+        let req = IoRequest {
+            tag: 7,
+            op,
+            offset,
+            len: buf.len() as u64,
+            iov: if has_data { &iov } else { &[] },
+        };
+        // SAFETY: `buf` outlives the loop below, which waits for the completion.
+        match unsafe { q.submit(&req) } {
+            Submitted::Done(s) => s,
+            Submitted::Queued => {
+                q.flush();
+                let mut out = None;
+                let start = std::time::Instant::now();
+                while out.is_none() {
+                    q.poll(&mut |tag, s| {
+                        assert_eq!(tag, 7);
+                        out = Some(s);
+                    });
+                    assert!(start.elapsed().as_secs() < 10, "back end never completed");
+                }
+                out.unwrap()
+            }
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Executes NVMe I/O commands against a namespace: checks every field a front end or a peer
+//! controls (namespace, LBA range, data pointer, lengths) and turns the command into back-end
+//! operations whose buffers point straight into guest memory.
+
+use crate::addr::{AddrError, AddressSpace};
+use crate::backend::{Backend, BackendQueue, DiskInfo, IoOp, IoRequest, Submitted, MAX_IOVECS};
+use leap_queues::nvme::{
+    io, psdt, sgl_subtype, sgl_type, DsmRange, DSM_ATTR_DEALLOCATE, DSM_MAX_RANGES,
+};
+use leap_queues::prp::walk_prps;
+use leap_queues::sgl::{decode_descriptor, read_capsule_segment, walk_sgl};
+use leap_queues::{SglDescriptor, Sqe, Status};
+use std::sync::Arc;
+
+/// The NVMe controller memory page size (CC.MPS) used to read PRPs: 4 KiB, as every NVMe host
+/// programs it. This is an NVMe setting, not the CPU page size (which may be 16 or 64 KiB on ARM).
+pub const NVME_PAGE_SIZE: u64 = 4096;
+
+/// The most SGL descriptors one command may use, across all segments.
+pub const MAX_SGL_DESCRIPTORS: usize = 512;
+
+/// One namespace (NSID 1) over a back end.
+pub struct Namespace {
+    backend: Arc<dyn Backend>,
+    info: DiskInfo,
+    shift: u32,
+    blocks: u64,
+}
+
+impl Namespace {
+    /// The namespace of a back end.
+    pub fn new(backend: Arc<dyn Backend>) -> Arc<Self> {
+        let info = backend.info().clone();
+        Arc::new(Namespace {
+            shift: info.block_shift(),
+            blocks: info.blocks(),
+            info,
+            backend,
+        })
+    }
+    /// The disk behind it.
+    pub fn info(&self) -> &DiskInfo {
+        &self.info
+    }
+    /// The back end.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+    /// Number of logical blocks.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    /// Checks `slba .. slba + nlb` lies inside the namespace; returns the byte offset and length.
+    fn range(&self, slba: u64, nlb: u64) -> Result<(u64, u64), Status> {
+        match slba.checked_add(nlb) {
+            Some(end) if end <= self.blocks => Ok((slba << self.shift, nlb << self.shift)),
+            _ => Err(Status::LBA_OUT_OF_RANGE),
+        }
+    }
+
+    fn writable(&self) -> Result<(), Status> {
+        if self.info.read_only {
+            Err(Status::NS_WRITE_PROTECTED)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Reusable scratch space for one poller: no allocation per command.
+pub struct Scratch {
+    iov: Vec<libc::iovec>,
+    ranges: Vec<u8>,
+}
+
+// SAFETY: the iovecs are plain addresses used only by the owning poller thread while it builds a
+// request; nothing is shared.
+unsafe impl Send for Scratch {}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch {
+            iov: Vec::with_capacity(MAX_IOVECS),
+            ranges: vec![0; DSM_MAX_RANGES * 16],
+        }
+    }
+}
+
+/// How a started command continues.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Started {
+    /// Finished now with this status.
+    Done(Status),
+    /// This many back-end operations are in flight for it (tagged with the command id).
+    Pending(u16),
+}
+
+/// What the command is, for counting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Read.
+    Read,
+    /// Write.
+    Write,
+    /// Flush.
+    Flush,
+    /// Dataset Management.
+    Discard,
+    /// Write Zeroes.
+    WriteZeroes,
+    /// Anything else.
+    Other,
+}
+
+/// The kind of an I/O opcode.
+pub fn kind(opcode: u8) -> Kind {
+    match opcode {
+        io::READ => Kind::Read,
+        io::WRITE => Kind::Write,
+        io::FLUSH => Kind::Flush,
+        io::DATASET_MANAGEMENT => Kind::Discard,
+        io::WRITE_ZEROES => Kind::WriteZeroes,
+        _ => Kind::Other,
+    }
+}
+
+fn addr_status(e: AddrError) -> Status {
+    match e {
+        AddrError::TooManyPieces(_) => Status::INVALID_SGL_COUNT,
+        _ => Status::DATA_TRANSFER_ERROR.with_dnr(),
+    }
+}
+
+/// Starts I/O command `sqe` (whose capsule area is `capsule`) on `bq`.
+///
+/// # Safety
+/// `aspace` (and the memory it maps) must stay alive until every back-end operation started here
+/// completes: the back end writes into guest memory through the iovecs.
+pub unsafe fn start(
+    ns: &Namespace,
+    sqe: &Sqe,
+    capsule: &[u8],
+    aspace: &AddressSpace,
+    scratch: &mut Scratch,
+    bq: &mut dyn BackendQueue,
+) -> Started {
+    match start_inner(ns, sqe, capsule, aspace, scratch, bq) {
+        Ok(s) => s,
+        Err(status) => Started::Done(status),
+    }
+}
+
+fn start_inner(
+    ns: &Namespace,
+    sqe: &Sqe,
+    capsule: &[u8],
+    aspace: &AddressSpace,
+    scratch: &mut Scratch,
+    bq: &mut dyn BackendQueue,
+) -> Result<Started, Status> {
+    let opcode = sqe.opcode();
+    let nsid = sqe.nsid();
+    if sqe.fuse() != 0 {
+        return Err(Status::INVALID_FIELD);
+    }
+    let tag = sqe.cid() as u64;
+    let one = |bq: &mut dyn BackendQueue, req: IoRequest<'_>| {
+        // SAFETY: forwarded from `start`'s contract: the iovecs point into `aspace`'s memory,
+        // which the caller keeps alive until completion.
+        match unsafe { bq.submit(&req) } {
+            Submitted::Done(s) => Started::Done(s),
+            Submitted::Queued => Started::Pending(1),
+        }
+    };
+    match opcode {
+        io::FLUSH => {
+            if nsid != 1 && nsid != 0xffff_ffff {
+                return Err(Status::INVALID_NAMESPACE);
+            }
+            Ok(one(
+                bq,
+                IoRequest {
+                    tag,
+                    op: IoOp::Flush,
+                    offset: 0,
+                    len: 0,
+                    iov: &[],
+                },
+            ))
+        }
+        io::READ | io::WRITE => {
+            check_nsid(nsid)?;
+            let (offset, len) = ns.range(sqe.slba(), sqe.nlb() as u64)?;
+            let op = if opcode == io::READ {
+                IoOp::Read
+            } else {
+                ns.writable()?;
+                IoOp::Write { fua: sqe.fua() }
+            };
+            scratch.iov.clear();
+            let iov = &mut scratch.iov;
+            data_segments(sqe, capsule, aspace, len, |d| match d {
+                Data::Guest(addr, l) => {
+                    aspace
+                        .translate(addr, l, MAX_IOVECS - iov.len(), |p| {
+                            iov.push(libc::iovec {
+                                iov_base: p.host as *mut _,
+                                iov_len: p.len,
+                            })
+                        })
+                        .map_err(addr_status)?;
+                    Ok(())
+                }
+                // Read and Write data lives in guest memory, never in the capsule.
+                Data::Capsule(..) => Err(Status::SGL_TYPE_INVALID),
+            })?;
+            Ok(one(
+                bq,
+                IoRequest {
+                    tag,
+                    op,
+                    offset,
+                    len,
+                    iov: &scratch.iov,
+                },
+            ))
+        }
+        io::WRITE_ZEROES => {
+            check_nsid(nsid)?;
+            ns.writable()?;
+            let (offset, len) = ns.range(sqe.slba(), sqe.nlb() as u64)?;
+            Ok(one(
+                bq,
+                IoRequest {
+                    tag,
+                    op: IoOp::WriteZeroes { unmap: sqe.deac() },
+                    offset,
+                    len,
+                    iov: &[],
+                },
+            ))
+        }
+        io::DATASET_MANAGEMENT => {
+            check_nsid(nsid)?;
+            let nr = (sqe.cdw(10) & 0xff) as usize + 1;
+            if sqe.cdw(11) & DSM_ATTR_DEALLOCATE == 0 {
+                // Only hints (integral read/write): nothing to do.
+                return Ok(Started::Done(Status::SUCCESS));
+            }
+            ns.writable()?;
+            let want = (nr * 16) as u64;
+            let buf = &mut scratch.ranges[..nr * 16];
+            let mut filled = 0usize;
+            data_segments(sqe, capsule, aspace, want, |d| {
+                let l = match d {
+                    Data::Guest(_, l) | Data::Capsule(_, l) => l as usize,
+                };
+                let dst = buf
+                    .get_mut(filled..filled + l)
+                    .ok_or(Status::SGL_LENGTH_INVALID)?;
+                match d {
+                    Data::Guest(addr, _) => aspace.read(addr, dst).map_err(addr_status)?,
+                    Data::Capsule(off, _) => {
+                        let o = usize::try_from(off).map_err(|_| Status::SGL_OFFSET_INVALID)?;
+                        let src = capsule
+                            .get(o..o.saturating_add(l))
+                            .ok_or(Status::SGL_OFFSET_INVALID)?;
+                        dst.copy_from_slice(src);
+                    }
+                }
+                filled += l;
+                Ok(())
+            })?;
+            // Check every range before starting any, so a bad list changes nothing.
+            for chunk in buf.chunks_exact(16) {
+                let r = DsmRange::from_bytes(chunk.try_into().expect("16-byte chunk"));
+                ns.range(r.slba(), r.nlb() as u64)?;
+            }
+            let mut pending = 0u16;
+            let mut first_err = None;
+            for k in 0..nr {
+                let chunk: &[u8; 16] = scratch.ranges[k * 16..k * 16 + 16]
+                    .try_into()
+                    .expect("16-byte chunk");
+                let r = DsmRange::from_bytes(chunk);
+                if r.nlb() == 0 {
+                    continue;
+                }
+                let (offset, len) = ns.range(r.slba(), r.nlb() as u64)?;
+                match one(
+                    bq,
+                    IoRequest {
+                        tag,
+                        op: IoOp::Discard,
+                        offset,
+                        len,
+                        iov: &[],
+                    },
+                ) {
+                    Started::Pending(n) => pending += n,
+                    Started::Done(s) if !s.is_success() => first_err = first_err.or(Some(s)),
+                    Started::Done(_) => {}
+                }
+            }
+            match (pending, first_err) {
+                (0, Some(s)) => Ok(Started::Done(s)),
+                (0, None) => Ok(Started::Done(Status::SUCCESS)),
+                (n, _) => Ok(Started::Pending(n)),
+            }
+        }
+        _ => Err(Status::INVALID_OPCODE),
+    }
+}
+
+fn check_nsid(nsid: u32) -> Result<(), Status> {
+    if nsid == 1 {
+        Ok(())
+    } else {
+        Err(Status::INVALID_NAMESPACE)
+    }
+}
+
+/// A piece of a command's data: guest memory, or bytes of the command's capsule.
+#[derive(Clone, Copy, Debug)]
+enum Data {
+    Guest(u64, u64),
+    Capsule(u64, u64),
+}
+
+/// Walks the command's data pointer (PRP or SGL) for a transfer of `expected` bytes, calling
+/// `each` with every piece in order. The walkers check every address, length and list bound and
+/// that the pieces add up to `expected`.
+fn data_segments(
+    sqe: &Sqe,
+    capsule: &[u8],
+    aspace: &AddressSpace,
+    expected: u64,
+    mut each: impl FnMut(Data) -> Result<(), Status>,
+) -> Result<(), Status> {
+    if sqe.psdt() == psdt::PRP {
+        walk_prps(
+            sqe.prp1(),
+            sqe.prp2(),
+            expected,
+            NVME_PAGE_SIZE,
+            |list, out: &mut [u64]| {
+                let mut bytes = [0u8; 8];
+                for (k, e) in out.iter_mut().enumerate() {
+                    let at = list
+                        .checked_add(8 * k as u64)
+                        .ok_or(Status::DATA_TRANSFER_ERROR)?;
+                    aspace.read(at, &mut bytes).map_err(addr_status)?;
+                    *e = u64::from_le_bytes(bytes);
+                }
+                Ok(())
+            },
+            |addr, len| each(Data::Guest(addr, len)),
+        )?;
+        return Ok(());
+    }
+    walk_sgl(
+        sqe.sgl1(),
+        expected,
+        MAX_SGL_DESCRIPTORS,
+        |seg: &SglDescriptor, out: &mut [SglDescriptor]| {
+            if seg.subtype() == sgl_subtype::OFFSET {
+                return read_capsule_segment(capsule, seg, out);
+            }
+            let mut raw = [0u8; 16];
+            for (k, d) in out.iter_mut().enumerate() {
+                let at = seg
+                    .addr()
+                    .checked_add(16 * k as u64)
+                    .ok_or(Status::DATA_TRANSFER_ERROR)?;
+                aspace.read(at, &mut raw).map_err(addr_status)?;
+                *d = decode_descriptor(&raw);
+            }
+            Ok(out.len())
+        },
+        |d: &SglDescriptor| match (d.ty(), d.subtype()) {
+            (sgl_type::DATA_BLOCK, sgl_subtype::ADDRESS) => {
+                each(Data::Guest(d.addr(), d.len() as u64))
+            }
+            (sgl_type::DATA_BLOCK, sgl_subtype::OFFSET) => {
+                each(Data::Capsule(d.addr(), d.len() as u64))
+            }
+            _ => Err(Status::SGL_TYPE_INVALID),
+        },
+    )?;
+    Ok(())
+}

@@ -1,0 +1,533 @@
+//! The poller: one thread per core, run-to-completion over the queue pairs it owns.
+//!
+//! Each round it asks every front end ([`Port`]) for new commands, executes them against the
+//! namespace's back end, reaps back-end completions into completion entries, and lets the front end
+//! complete them to the guest (notifications batched per round). While work flows it busy-polls;
+//! after `idle_spin` with nothing to do it re-arms every notification source and sleeps on their
+//! eventfds, so an idle disk costs no CPU. Per-command state lives in tables sized at attach time
+//! and indexed by command id: nothing is allocated or locked per I/O.
+
+use crate::addr::AddressSpace;
+use crate::backend::BackendQueue;
+use crate::exec::{self, Kind, Namespace, Scratch, Started};
+use crate::stats::{self, IoStats};
+use leap_queues::{queue_pair, Processor, Status, Submitter};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// A front end as the poller sees it: a source of NVMe commands and a sink of completions.
+/// Implemented by the vhost-user-blk queue; the runtime knows nothing of virtio.
+pub trait Port: Send {
+    /// Moves new requests from the front end into `sq` (as SQEs with capsules). Returns how many.
+    fn submit(&mut self, sq: &mut Submitter) -> usize;
+    /// Reaps completions from `sq` and completes them to the front end, notifying it at most once.
+    /// Returns how many.
+    fn complete(&mut self, sq: &mut Submitter) -> usize;
+    /// The poller is about to sleep: re-enable notifications. Returns true if work arrived
+    /// meanwhile (the poller then keeps polling).
+    fn arm(&mut self) -> bool;
+    /// The poller is polling again: notifications may be suppressed.
+    fn disarm(&mut self);
+    /// The memory the port's data pointers refer to.
+    fn address_space(&self) -> &Arc<AddressSpace>;
+}
+
+/// How a poller behaves.
+#[derive(Clone, Debug)]
+pub struct PollerConfig {
+    /// Thread name.
+    pub name: String,
+    /// How long to keep polling with nothing to do before sleeping.
+    pub idle_spin: Duration,
+    /// Pin the thread to this CPU.
+    pub cpu: Option<usize>,
+}
+
+impl Default for PollerConfig {
+    fn default() -> Self {
+        PollerConfig {
+            name: "leap-poller".into(),
+            idle_spin: Duration::from_micros(50),
+            cpu: None,
+        }
+    }
+}
+
+/// Identifies an attached queue pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PairId(u64);
+
+/// Why the poller refused something.
+#[derive(Debug, thiserror::Error)]
+pub enum PollerError {
+    /// An OS call failed.
+    #[error("{0}: {1}")]
+    Os(&'static str, #[source] std::io::Error),
+    /// The back end could not open a queue.
+    #[error("back end: {0}")]
+    Backend(#[from] crate::backend::BackendError),
+    /// The poller thread is gone.
+    #[error("poller thread has stopped")]
+    Stopped,
+    /// A parameter is out of range.
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+/// Wakes a sleeping poller (from a kick forwarder, say). Cheap to clone.
+#[derive(Clone)]
+pub struct Waker(Arc<OwnedFd>);
+
+impl Waker {
+    /// Wakes the poller if it sleeps; otherwise it costs one write to an eventfd.
+    pub fn wake(&self) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local to an eventfd we own.
+        unsafe {
+            libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8);
+        }
+    }
+}
+
+/// Counters of one poller.
+#[derive(Default, Debug)]
+pub struct PollerStats {
+    /// Commands completed.
+    pub completed: AtomicU64,
+    /// Poll rounds.
+    pub rounds: AtomicU64,
+    /// Times the poller went to sleep.
+    pub sleeps: AtomicU64,
+}
+
+enum Ctl {
+    Attach(Box<Pair>),
+    Detach(PairId, mpsc::Sender<Box<dyn Port>>),
+}
+
+struct Shared {
+    ctl: Mutex<Vec<Ctl>>,
+    stop: AtomicBool,
+    wake: Waker,
+    stats: PollerStats,
+}
+
+/// A poller thread.
+pub struct Poller {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    pthread: libc::pthread_t,
+    next_id: AtomicU64,
+}
+
+/// Per-command state, indexed by command id.
+#[derive(Clone, Copy, Default)]
+struct Cmd {
+    pending: u16,
+    status: Option<Status>,
+    kind: Option<Kind>,
+    bytes: u64,
+}
+
+struct Pair {
+    id: PairId,
+    port: Box<dyn Port>,
+    sq: Submitter,
+    proc: Processor,
+    bq: Box<dyn BackendQueue>,
+    ns: Arc<Namespace>,
+    cmds: Vec<Cmd>,
+    stats: Arc<IoStats>,
+    /// Address spaces replaced while I/O was in flight, kept mapped until it drains.
+    retired: Vec<Arc<AddressSpace>>,
+    current: Arc<AddressSpace>,
+    draining: Option<mpsc::Sender<Box<dyn Port>>>,
+}
+
+impl Poller {
+    /// Starts a poller thread.
+    pub fn spawn(cfg: PollerConfig) -> Result<Poller, PollerError> {
+        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(PollerError::Os("eventfd", std::io::Error::last_os_error()));
+        }
+        // SAFETY: efd is a fresh descriptor we own.
+        let wake = Waker(Arc::new(unsafe { OwnedFd::from_raw_fd(efd) }));
+        let shared = Arc::new(Shared {
+            ctl: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+            wake,
+            stats: PollerStats::default(),
+        });
+        let s = shared.clone();
+        let c = cfg.clone();
+        let thread = std::thread::Builder::new()
+            .name(cfg.name.clone())
+            .spawn(move || run(s, c))
+            .map_err(|e| PollerError::Os("spawn", e))?;
+        use std::os::unix::thread::JoinHandleExt;
+        let pthread = thread.as_pthread_t();
+        Ok(Poller {
+            shared,
+            thread: Some(thread),
+            pthread,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// A handle that wakes this poller.
+    pub fn waker(&self) -> Waker {
+        self.shared.wake.clone()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &PollerStats {
+        &self.shared.stats
+    }
+
+    /// CPU time the poller thread has used.
+    pub fn cpu_time(&self) -> Duration {
+        let mut clock: libc::clockid_t = 0;
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `pthread` is our live thread (joined only in Drop); both out-pointers are valid.
+        let ok = unsafe {
+            libc::pthread_getcpuclockid(self.pthread, &mut clock) == 0
+                && libc::clock_gettime(clock, &mut ts) == 0
+        };
+        if ok {
+            Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// Attaches a front end to this poller on a new queue pair of `depth` entries whose commands
+    /// carry `capsule_bytes` of SGL descriptors or range data each. I/O goes to `ns`.
+    pub fn attach(
+        &self,
+        port: Box<dyn Port>,
+        ns: Arc<Namespace>,
+        depth: u16,
+        capsule_bytes: usize,
+        stats: Arc<IoStats>,
+    ) -> Result<PairId, PollerError> {
+        if !(2..=4096).contains(&depth) {
+            return Err(PollerError::Invalid("queue depth must be 2..=4096"));
+        }
+        let bq = ns.backend().open_queue(depth as usize)?;
+        let (sq, proc) = queue_pair(depth, capsule_bytes);
+        let id = PairId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let current = port.address_space().clone();
+        let pair = Box::new(Pair {
+            id,
+            port,
+            sq,
+            proc,
+            bq,
+            ns,
+            cmds: vec![Cmd::default(); depth as usize],
+            stats,
+            retired: Vec::new(),
+            current,
+            draining: None,
+        });
+        self.control(Ctl::Attach(pair))?;
+        Ok(id)
+    }
+
+    /// Stops taking new commands from the pair, waits for its in-flight commands to complete to
+    /// the front end, and hands the front end back.
+    pub fn detach(&self, id: PairId) -> Result<Box<dyn Port>, PollerError> {
+        let (tx, rx) = mpsc::channel();
+        self.control(Ctl::Detach(id, tx))?;
+        rx.recv().map_err(|_| PollerError::Stopped)
+    }
+
+    fn control(&self, c: Ctl) -> Result<(), PollerError> {
+        if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+            return Err(PollerError::Stopped);
+        }
+        self.shared
+            .ctl
+            .lock()
+            .map_err(|_| PollerError::Stopped)?
+            .push(c);
+        self.shared.wake.wake();
+        Ok(())
+    }
+}
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn pin(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET indexes within it (checked by the bound below);
+    // sched_setaffinity(0) affects only the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+            return;
+        }
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            log::warn!(
+                "cannot pin poller to CPU {cpu}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+fn run(shared: Arc<Shared>, cfg: PollerConfig) {
+    if let Some(cpu) = cfg.cpu {
+        pin(cpu);
+    }
+    let mut pairs: Vec<Box<Pair>> = Vec::new();
+    let mut scratch = Scratch::default();
+    let mut pollfds: Vec<libc::pollfd> = Vec::new();
+    let mut last_work = Instant::now();
+    let wake_fd = shared.wake.0.as_raw_fd();
+    loop {
+        // Control requests are rare; checking the lock only when the wake counter says so would
+        // save little, so take it when something is queued (try_lock keeps the round lock-free
+        // when the control plane holds it).
+        if let Ok(mut ctl) = shared.ctl.try_lock() {
+            for c in ctl.drain(..) {
+                match c {
+                    Ctl::Attach(p) => pairs.push(p),
+                    Ctl::Detach(id, tx) => match pairs.iter_mut().find(|p| p.id == id) {
+                        Some(p) => p.draining = Some(tx),
+                        None => drop(tx),
+                    },
+                }
+            }
+        }
+        if shared.stop.load(Ordering::Acquire) {
+            // Finish what is in flight, then drop everything (ports complete nothing more).
+            for p in pairs.iter_mut() {
+                while p.bq.in_flight() > 0 {
+                    round(p, &mut scratch, &shared.stats, false);
+                }
+                round(p, &mut scratch, &shared.stats, false);
+            }
+            return;
+        }
+        let mut work = 0;
+        for p in pairs.iter_mut() {
+            let take_new = p.draining.is_none();
+            work += round(p, &mut scratch, &shared.stats, take_new);
+        }
+        // Hand drained pairs back.
+        let mut k = 0;
+        while k < pairs.len() {
+            let p = &pairs[k];
+            if p.draining.is_some() && p.bq.in_flight() == 0 && p.sq.in_flight() == 0 {
+                let mut p = pairs.swap_remove(k);
+                let tx = p.draining.take().expect("checked draining");
+                let _ = tx.send(p.port);
+            } else {
+                k += 1;
+            }
+        }
+        shared.stats.rounds.fetch_add(1, Ordering::Relaxed);
+        if work > 0 {
+            last_work = Instant::now();
+            continue;
+        }
+        if last_work.elapsed() < cfg.idle_spin {
+            std::hint::spin_loop();
+            continue;
+        }
+        // Going to sleep: consume pending wake-ups first, then re-arm every source and re-check,
+        // so a wake-up that arrives after the check is not lost (it makes an fd readable).
+        drain_eventfd(wake_fd);
+        let mut raced = false;
+        for p in pairs.iter_mut() {
+            p.bq.clear_wake();
+            raced |= p.port.arm();
+        }
+        if raced
+            || !shared.ctl.lock().map(|c| c.is_empty()).unwrap_or(true)
+            || shared.stop.load(Ordering::Acquire)
+        {
+            for p in pairs.iter_mut() {
+                p.port.disarm();
+            }
+            last_work = Instant::now();
+            continue;
+        }
+        pollfds.clear();
+        pollfds.push(libc::pollfd {
+            fd: wake_fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        for p in pairs.iter() {
+            if let Some(fd) = p.bq.wake_fd() {
+                pollfds.push(libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+        }
+        shared.stats.sleeps.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: `pollfds` is a valid array of pollfd of the given length.
+        unsafe {
+            libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, 1000);
+        }
+        for p in pairs.iter_mut() {
+            p.port.disarm();
+        }
+        last_work = Instant::now();
+    }
+}
+
+fn drain_eventfd(fd: RawFd) {
+    let mut v = 0u64;
+    // SAFETY: reads 8 bytes into a local from a non-blocking eventfd we own.
+    unsafe {
+        libc::read(fd, (&mut v as *mut u64).cast(), 8);
+    }
+}
+
+/// One poll round over one pair. Returns the amount of work done.
+fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bool) -> usize {
+    let mut work = 0;
+    if take_new {
+        // Pick up a new address space (memory table change); keep the old one mapped while I/O
+        // that translated through it is in flight.
+        let cur = p.port.address_space();
+        if !Arc::ptr_eq(cur, &p.current) {
+            let old = std::mem::replace(&mut p.current, cur.clone());
+            if p.bq.in_flight() > 0 {
+                p.retired.push(old);
+            }
+        }
+        work += p.port.submit(&mut p.sq);
+        p.sq.publish();
+    }
+    if p.bq.in_flight() == 0 && !p.retired.is_empty() {
+        p.retired.clear();
+    }
+    while let Some(cmd) = p.proc.pop() {
+        work += 1;
+        let sqe = cmd.sqe;
+        let cid = sqe.cid();
+        let Some(slot) = p.cmds.get_mut(cid as usize) else {
+            // The in-process pair hands out only cids below its depth; anything else is a bug in
+            // it, not a guest's doing. Never index with it.
+            crate::log_limited!(
+                log::Level::Error,
+                "queue pair produced out-of-range cid {cid}"
+            );
+            continue;
+        };
+        let kind = exec::kind(sqe.opcode());
+        *slot = Cmd {
+            pending: 0,
+            status: None,
+            kind: Some(kind),
+            bytes: (sqe.nlb() as u64) << p.ns.info().block_shift(),
+        };
+        let capsule = p.proc.capsule(cid).unwrap_or(&[]);
+        // SAFETY: `p.current` (and any address space retired while I/O is in flight) stays alive
+        // until `p.bq.in_flight()` drops to zero; see the `retired` handling above.
+        let started = unsafe { exec::start(&p.ns, &sqe, capsule, &p.current, scratch, &mut *p.bq) };
+        match started {
+            Started::Done(status) => finish(p, cid, status),
+            Started::Pending(n) => p.cmds[cid as usize].pending = n,
+        }
+    }
+    p.bq.flush();
+    let Pair {
+        bq,
+        cmds,
+        proc,
+        stats,
+        ns,
+        ..
+    } = p;
+    work += bq.poll(&mut |tag, status| {
+        let cid = tag as u16;
+        let Some(c) = cmds.get_mut(cid as usize) else {
+            return;
+        };
+        if !status.is_success() && c.status.is_none() {
+            c.status = Some(status);
+        }
+        c.pending = c.pending.saturating_sub(1);
+        if c.pending == 0 {
+            let st = c.status.unwrap_or(Status::SUCCESS);
+            count(stats, ns, c, st);
+            let _ = proc.complete(cid, st, 0);
+        }
+    });
+    p.proc.publish();
+    let done = p.port.complete(&mut p.sq);
+    pstats.completed.fetch_add(done as u64, Ordering::Relaxed);
+    work + done
+}
+
+fn finish(p: &mut Pair, cid: u16, status: Status) {
+    let c = p.cmds[cid as usize];
+    count(&p.stats, &p.ns, &c, status);
+    if p.proc.complete(cid, status, 0).is_err() {
+        crate::log_limited!(
+            log::Level::Error,
+            "completing cid {cid} that is not in flight"
+        );
+    }
+}
+
+fn count(s: &IoStats, _ns: &Namespace, c: &Cmd, status: Status) {
+    if !status.is_success() {
+        if status.sct() == 0 && status.sc() < 0x80
+            || status == Status::LBA_OUT_OF_RANGE
+            || status == Status::NS_WRITE_PROTECTED
+        {
+            stats::inc(&s.invalid);
+            crate::log_limited!(
+                log::Level::Warn,
+                "refused NVMe command ({:?}): {status}",
+                c.kind
+            );
+        } else {
+            stats::inc(&s.errors);
+            crate::log_limited!(
+                log::Level::Warn,
+                "NVMe command ({:?}) failed: {status}",
+                c.kind
+            );
+        }
+        return;
+    }
+    match c.kind {
+        Some(Kind::Read) => {
+            stats::inc(&s.reads);
+            stats::add(&s.bytes_read, c.bytes);
+        }
+        Some(Kind::Write) => {
+            stats::inc(&s.writes);
+            stats::add(&s.bytes_written, c.bytes);
+        }
+        Some(Kind::Flush) => stats::inc(&s.flushes),
+        Some(Kind::Discard) => stats::inc(&s.discards),
+        Some(Kind::WriteZeroes) => stats::inc(&s.write_zeroes),
+        _ => {}
+    }
+}

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# THE test command for Leap (README; .ci/run calls it). Steps, failing fast:
+#   1. scripts/install-deps.sh            (only as root; quick when everything is installed)
+#   2. cargo test --workspace --all-targets
+#   3. cargo build --release -p leap-soc, then tests/guest/guest-verify.sh --backend leapd
+#      (a real QEMU guest; skipped loudly without QEMU/kernel/fio/busybox unless CI=true or
+#      LEAP_REQUIRE_GUEST=1)
+#   4. scripts/build-aarch64.sh           (when CI=true or LEAP_AARCH64=1; LEAP_AARCH64_TEST=1 also
+#      runs the aarch64 tests under qemu-user)
+# Env: LEAP_SKIP_GUEST=1 skips step 3 (not allowed with CI=true); LEAP_SKIP_AARCH64=1 skips step 4.
+# Prints one summary line at the end: "test.sh: PASS ..." or "test.sh: FAIL at <step> ...".
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+t_start=$(date +%s)
+done_steps=()
+current=""
+
+aarch64=0
+if { [ "${CI:-}" = true ] || [ "${LEAP_AARCH64:-0}" = 1 ]; } && [ "${LEAP_SKIP_AARCH64:-0}" != 1 ]; then aarch64=1; fi
+
+# shellcheck disable=SC2317  # invoked by the trap
+on_exit() {
+  local rc=$?
+  local t=$(( $(date +%s) - t_start ))
+  if [ "$rc" = 0 ]; then
+    echo "test.sh: PASS (${done_steps[*]}) in ${t}s"
+  else
+    echo "test.sh: FAIL at step '$current' (status $rc) after ${t}s; passed: ${done_steps[*]:-none}" >&2
+  fi
+}
+trap on_exit EXIT
+
+step() { # name, command...
+  current=$1; shift
+  local t0
+  t0=$(date +%s)
+  echo
+  echo "==> test.sh [$current] $*"
+  "$@"
+  done_steps+=("$current:$(( $(date +%s) - t0 ))s")
+}
+
+if [ "$(id -u)" = 0 ]; then
+  step deps env LEAP_INSTALL_ARM64="${LEAP_INSTALL_ARM64:-$aarch64}" scripts/install-deps.sh
+fi
+
+step cargo-test cargo test --workspace --all-targets
+
+if [ "${LEAP_SKIP_GUEST:-0}" = 1 ]; then
+  if [ "${CI:-}" = true ]; then current=guest; echo "LEAP_SKIP_GUEST=1 is not allowed with CI=true" >&2; exit 1; fi
+  echo
+  echo "==> test.sh [guest] SKIPPED (LEAP_SKIP_GUEST=1)"
+  done_steps+=("guest:skipped")
+else
+  step release-build cargo build --release -p leap-soc
+  step guest env LEAPD="${LEAPD:-$root/target/release/leapd}" tests/guest/guest-verify.sh --backend leapd
+fi
+
+if [ "$aarch64" = 1 ]; then
+  if [ "${LEAP_AARCH64_TEST:-0}" = 1 ]; then step aarch64 scripts/build-aarch64.sh --test
+  else step aarch64 scripts/build-aarch64.sh; fi
+fi
+current=""

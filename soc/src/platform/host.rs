@@ -1,0 +1,42 @@
+//! Host mode: leapd is a process on the machine whose guests it serves; guest memory arrives as
+//! vhost-user memory-table file descriptors and is mapped into this process.
+
+use super::Platform;
+
+/// A plain host process.
+pub struct Host;
+
+impl Platform for Host {
+    fn name(&self) -> &'static str {
+        "host"
+    }
+
+    fn page_size(&self) -> usize {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if p > 0 {
+            p as usize
+        } else {
+            4096
+        }
+    }
+
+    fn poller_cpus(&self) -> Vec<usize> {
+        // The CPUs this process may run on (cgroups and taskset respected).
+        // SAFETY: cpu_set_t is plain data, filled in by sched_getaffinity for the calling thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+                let n = 8 * std::mem::size_of::<libc::cpu_set_t>();
+                let v: Vec<usize> = (0..n).filter(|&c| libc::CPU_ISSET(c, &set)).collect();
+                if !v.is_empty() {
+                    return v;
+                }
+            }
+        }
+        (0..std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1))
+            .collect()
+    }
+}

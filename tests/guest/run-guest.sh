@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Boots a QEMU (TCG) guest whose only disk is a vhost-user-blk device served on SOCK, runs a job
+# inside it and checks the result.
+#
+#   tests/guest/run-guest.sh --socket SOCK --job verify|bench [options]
+#     --queues N                 num-queues of vhost-user-blk-pci (default 1)
+#     --expect-size-bytes B      verify: disk size in bytes
+#     --expect-queues N          verify: hardware queues the guest sees (default: --queues)
+#     --expect-discard 0|1       verify: discard must be supported and work (default 0)
+#     --expect-write-cache MODE  verify: "write back" (default), "write through", or "" to skip
+#     --expect-block-size N      verify: logical block size
+#     --force-write-back 0|1     verify: if the disk comes up write through, switch it to write back
+#                                (virtio config write) so FLUSH is exercised (default 0)
+#     --verify-size-mb N         verify: MiB per fio verify job (default 64)
+#     --bench-runtime S          bench: seconds per fio job (default 5)
+#     --bench-jobs "A B"         bench: subset of randread-qd1 randread-qd32 randwrite-qd32 seqread-128k-qd8
+#     --timeout S                hard limit for QEMU (default 240 verify / 300 bench)
+#     --log FILE                 serial console log (default target/guest/logs/<job>-<time>-<pid>.log)
+#     --mem SIZE                 guest RAM (default 768M)
+#     --smp N                    guest CPUs (default 2)
+# Exit status: 0 only if the guest printed "LEAP-GUEST: PASS", no check failed and QEMU exited
+# cleanly; on failure the tail of the guest log (and QEMU's stderr) is printed.
+# bench: the guest's "GUEST-FIO ..." and "GUEST-STAT ..." lines are copied to stdout.
+# Env: QEMU (default qemu-system-x86_64), LEAP_GUEST_ACCEL (default tcg), LEAP_GUEST_CPU (default max).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/../.." && pwd)
+die() { echo "run-guest: ERROR: $*" >&2; exit 2; }
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
+
+sock="" job="" queues=1 expect_size="" expect_queues="" expect_discard=0
+expect_wc="write back" expect_bs="" force_wb=0 verify_mb=64 bench_rt=5 bench_jobs="" timeout_s="" log=""
+mem=768M smp=2
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --socket) sock=$2; shift 2 ;;
+    --job) job=$2; shift 2 ;;
+    --queues) queues=$2; shift 2 ;;
+    --expect-size-bytes) expect_size=$2; shift 2 ;;
+    --expect-queues) expect_queues=$2; shift 2 ;;
+    --expect-discard) expect_discard=$2; shift 2 ;;
+    --expect-write-cache) expect_wc=$2; shift 2 ;;
+    --expect-block-size) expect_bs=$2; shift 2 ;;
+    --force-write-back) force_wb=$2; shift 2 ;;
+    --verify-size-mb) verify_mb=$2; shift 2 ;;
+    --bench-runtime) bench_rt=$2; shift 2 ;;
+    --bench-jobs) bench_jobs=$2; shift 2 ;;
+    --timeout) timeout_s=$2; shift 2 ;;
+    --log) log=$2; shift 2 ;;
+    --mem) mem=$2; shift 2 ;;
+    --smp) smp=$2; shift 2 ;;
+    -h|--help) usage ;;
+    *) die "unknown argument '$1' (see --help)" ;;
+  esac
+done
+[ -n "$sock" ] || die "--socket is required"
+[ -S "$sock" ] || die "$sock is not a unix socket (is the back end running?)"
+case "$job" in verify|bench) ;; *) die "--job must be verify or bench" ;; esac
+[ -n "$expect_queues" ] || expect_queues=$queues
+[ -n "$timeout_s" ] || { [ "$job" = verify ] && timeout_s=240 || timeout_s=300; }
+qemu=${QEMU:-qemu-system-x86_64}
+command -v "$qemu" >/dev/null || die "$qemu not found (scripts/install-deps.sh)"
+
+gdir=$root/target/guest
+mkdir -p "$gdir/logs" "$gdir/runs"
+[ -n "$log" ] || log=$gdir/logs/$job-$(date +%Y%m%d-%H%M%S)-$$.log
+mkdir -p "$(dirname "$log")"
+: > "$log"
+qerr=$log.qemu-stderr
+
+base=$("$here/build-initramfs.sh" "$gdir")
+kernel=$gdir/vmlinuz
+
+run=$(mktemp -d "$gdir/runs/$job.XXXXXX")
+qpid=""
+# shellcheck disable=SC2317  # invoked by the trap
+cleanup() {
+  if [ -n "$qpid" ] && kill -0 "$qpid" 2>/dev/null; then kill -KILL "$qpid" 2>/dev/null || true; fi
+  rm -rf "$run"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# per-run cpio: /job/{run.sh,lib.sh,env}
+mkdir -p "$run/cpio/job"
+cp "$here/jobs/$job.sh" "$run/cpio/job/run.sh"
+cp "$here/jobs/lib.sh" "$run/cpio/job/lib.sh"
+q() { printf '%s=%q\n' "$1" "$2"; }
+{
+  q EXPECT_SIZE_BYTES "$expect_size"
+  q EXPECT_QUEUES "$expect_queues"
+  q EXPECT_DISCARD "$expect_discard"
+  q EXPECT_WRITE_CACHE "$expect_wc"
+  q EXPECT_BLOCK_SIZE "$expect_bs"
+  q FORCE_WRITE_BACK "$force_wb"
+  q VERIFY_SIZE_MB "$verify_mb"
+  q BENCH_RUNTIME "$bench_rt"
+  [ -z "$bench_jobs" ] || q BENCH_JOBS "$bench_jobs"
+} > "$run/cpio/job/env"
+# printf %q may emit $'..' quoting that busybox sh does not know: refuse such values
+grep -q "\\\$'" "$run/cpio/job/env" && die "an --expect value contains characters the guest shell cannot take"
+(cd "$run/cpio" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet | gzip -1 -n) > "$run/job.cpio.gz"
+cat "$base" "$run/job.cpio.gz" > "$run/initrd.cpio.gz"
+
+start=$(date +%s.%N)
+set +e
+timeout -k 10 "$timeout_s" "$qemu" \
+  -accel "${LEAP_GUEST_ACCEL:-tcg}" -cpu "${LEAP_GUEST_CPU:-max}" \
+  -machine q35,memory-backend=mem \
+  -object "memory-backend-memfd,id=mem,size=$mem,share=on" -m "$mem" -smp "$smp" \
+  -nographic -monitor none -nic none -no-reboot \
+  -kernel "$kernel" -initrd "$run/initrd.cpio.gz" \
+  -append "console=ttyS0 rdinit=/init quiet panic=-1" \
+  -serial "file:$log" \
+  -chardev "socket,id=c0,path=$sock" \
+  -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues" \
+  </dev/null >"$qerr" 2>&1 &
+qpid=$!
+wait "$qpid"
+qrc=$?
+qpid=""
+set -e
+elapsed=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
+
+# drop CRs and the firmware's terminal escape sequences so markers start their lines
+sed 's/\r//g; s/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g' "$log" > "$log.tmp" && mv "$log.tmp" "$log"
+status=ok reason=""
+if [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then status=fail reason="QEMU killed after the ${timeout_s}s timeout"
+elif [ "$qrc" != 0 ]; then status=fail reason="QEMU exited with status $qrc"
+fi
+if grep -q '^LEAP-GUEST: FAIL' "$log"; then
+  status=fail reason="${reason:+$reason; }$(grep -m1 '^LEAP-GUEST: FAIL' "$log" | sed 's/^LEAP-GUEST: //')"
+elif ! grep -q '^LEAP-GUEST: PASS' "$log"; then
+  status=fail reason="${reason:+$reason; }no PASS marker in the guest log"
+fi
+if grep -q '^LEAP-CHECK: FAIL' "$log" && [ "$status" = ok ]; then status=fail reason="a check failed"; fi
+
+if [ "$job" = bench ]; then grep -E '^GUEST-(FIO|STAT) ' "$log" || true; fi
+booted=$(sed -n 's/^LEAP-GUEST: BOOTED .*uptime=\([0-9.]*\).*/\1/p' "$log" | head -1)
+if [ "$status" = ok ]; then
+  echo "run-guest: PASS job=$job queues=$queues wall=${elapsed}s boot_to_init=${booted:-?}s log=$log"
+  exit 0
+fi
+{
+  echo "run-guest: FAIL job=$job: $reason (wall ${elapsed}s, log $log)"
+  if [ -s "$qerr" ]; then echo "---- QEMU stderr ----"; tail -n 20 "$qerr"; fi
+  echo "---- guest log (last 60 lines) ----"
+  tail -n 60 "$log"
+  echo "----"
+} >&2
+exit 1

@@ -1,0 +1,721 @@
+//! The in-process vhost-user driver against a real leapd socket: negotiation, configuration,
+//! data round trips on every queue, every kind of malformed request, disconnect and reconnect.
+
+use leap_runtime::backend::{Backend, FileBackend, FileOptions, RamBackend};
+use leap_tests::TestServer;
+use leap_vhost::driver::*;
+use leap_vhost::Malformed;
+use std::sync::Arc;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(10);
+const MIB: u64 = 1 << 20;
+
+fn ram(size: u64, block: u32) -> Arc<dyn Backend> {
+    Arc::new(RamBackend::new(size, block).unwrap())
+}
+
+fn connect(s: &TestServer, queues: u16, event_idx: bool) -> Driver {
+    Driver::connect(
+        &s.socket,
+        DriverOptions {
+            num_queues: queues,
+            queue_size: 128,
+            mem_size: 32 << 20,
+            event_idx,
+            features_mask: 0,
+        },
+    )
+    .expect("connect")
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn write(d: &Driver, q: &mut DriverQueue, buf: u64, sector: u64, data: &[u8]) -> u8 {
+    use vm_memory_shim::*;
+    put(d, buf, data);
+    let (st, _) = blk_request(
+        q,
+        VIRTIO_BLK_T_OUT,
+        sector,
+        &[Desc::readable(buf, data.len() as u32)],
+        T,
+    )
+    .unwrap();
+    st
+}
+
+fn read(d: &Driver, q: &mut DriverQueue, buf: u64, sector: u64, len: usize) -> (u8, Vec<u8>) {
+    use vm_memory_shim::*;
+    put(d, buf, &vec![0xee; len]);
+    let (st, used) = blk_request(
+        q,
+        VIRTIO_BLK_T_IN,
+        sector,
+        &[Desc::writable(buf, len as u32)],
+        T,
+    )
+    .unwrap();
+    if st == VIRTIO_BLK_S_OK as u8 {
+        assert_eq!(used as usize, len + 1, "used length counts data and status");
+    }
+    (st, get(d, buf, len))
+}
+
+/// Guest-memory access through the driver's mapping.
+mod vm_memory_shim {
+    use leap_vhost::driver::Driver;
+    use vm_memory::{Bytes, GuestAddress};
+    pub fn put(d: &Driver, addr: u64, data: &[u8]) {
+        d.memory().write_slice(data, GuestAddress(addr)).unwrap();
+    }
+    pub fn get(d: &Driver, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        d.memory().read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+}
+
+const OK: u8 = VIRTIO_BLK_S_OK as u8;
+const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+#[test]
+fn negotiates_features_and_config() {
+    let s = TestServer::start(ram(64 * MIB, 4096), 2, 1);
+    let d = connect(&s, 2, true);
+    let f = d.acked_features();
+    for bit in [32u32, 29, 1, 2, 6, 9, 11, 12, 13, 14] {
+        assert!(
+            f & (1 << bit) != 0,
+            "feature bit {bit} not negotiated (acked {f:#x})"
+        );
+    }
+    assert!(f & (1 << 5) == 0, "a writable disk is not RO");
+    let c = d.config().unwrap();
+    assert_eq!(c.capacity, 64 * MIB / 512);
+    assert_eq!(c.blk_size, 4096);
+    assert_eq!(c.num_queues, 2);
+    assert_eq!(
+        c.writeback, true,
+        "write-back cache by default, so guests send FLUSH"
+    );
+    assert!(c.seg_max >= 32 && c.size_max >= 4096);
+    assert!(c.max_discard_seg >= 1 && c.max_discard_sectors > 0);
+    assert_eq!(c.max_write_zeroes_seg, 1);
+    assert!(c.write_zeroes_may_unmap);
+}
+
+fn round_trips(event_idx: bool, backend: Arc<dyn Backend>) {
+    let s = TestServer::start(backend, 2, 2);
+    let mut d = connect(&s, 2, event_idx);
+    let buf = d.alloc(1 << 20, 4096).unwrap();
+    let mut qs = d.take_queues();
+    for (qi, q) in qs.iter_mut().enumerate() {
+        let base = 1000 + 4000 * qi as u64;
+        let data = pattern(qi as u8, 128 << 10);
+        assert_eq!(write(&d, q, buf, base, &data), OK);
+        let (st, back) = read(&d, q, buf + (512 << 10), base, data.len());
+        assert_eq!(st, OK);
+        assert!(back == data, "queue {qi}: data read back differs");
+        let (st, _) = blk_request(q, VIRTIO_BLK_T_FLUSH, 0, &[], T).unwrap();
+        assert_eq!(st, OK, "flush");
+        // GET_ID answers the serial, NUL padded to 20 bytes.
+        let (st, used) =
+            blk_request(q, VIRTIO_BLK_T_GET_ID, 0, &[Desc::writable(buf, 20)], T).unwrap();
+        assert_eq!((st, used), (OK, 21));
+        let id = vm_memory_shim::get(&d, buf, 20);
+        assert!(
+            id.starts_with(b"leap"),
+            "serial {:?}",
+            String::from_utf8_lossy(&id)
+        );
+        // Discard 8 sectors in the middle, write-zeroes (with unmap) 8 more: both read as zeros.
+        let h = submit_blk_segments(
+            q,
+            VIRTIO_BLK_T_DISCARD,
+            &[DiscardSegment {
+                sector: base + 8,
+                num_sectors: 8,
+                flags: 0,
+            }],
+        )
+        .unwrap();
+        q.publish_and_kick();
+        assert_eq!(q.wait_used(T).map(|u| u.0), Some(h));
+        assert_eq!(blk_status(q, h), OK, "discard");
+        let h = submit_blk_segments(
+            q,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            &[DiscardSegment {
+                sector: base + 24,
+                num_sectors: 8,
+                flags: DiscardSegment::FLAG_UNMAP,
+            }],
+        )
+        .unwrap();
+        q.publish_and_kick();
+        assert_eq!(q.wait_used(T).map(|u| u.0), Some(h));
+        assert_eq!(blk_status(q, h), OK, "write zeroes");
+        let (st, back) = read(&d, q, buf, base, 32 * 512);
+        assert_eq!(st, OK);
+        assert_eq!(back[..4096], data[..4096]);
+        assert!(
+            back[4096..8192].iter().all(|&b| b == 0),
+            "discarded range reads zeros"
+        );
+        assert_eq!(back[8192..12288], data[8192..12288]);
+        assert!(
+            back[12288..16384].iter().all(|&b| b == 0),
+            "zeroed range reads zeros"
+        );
+    }
+    assert_eq!(s.stats.total(), 0, "no request was malformed");
+}
+
+#[test]
+fn round_trips_on_every_queue_with_event_idx() {
+    round_trips(true, ram(64 * MIB, 512));
+}
+
+#[test]
+fn round_trips_without_event_idx() {
+    round_trips(false, ram(64 * MIB, 512));
+}
+
+#[test]
+fn round_trips_through_io_uring_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = FileBackend::open(&FileOptions {
+        path: dir.path().join("d.img"),
+        size: Some(64 * MIB),
+        direct: false,
+        read_only: false,
+        block_size: 512,
+    })
+    .unwrap();
+    round_trips(true, Arc::new(f));
+}
+
+#[test]
+fn queues_run_in_parallel_threads() {
+    let s = TestServer::start(ram(64 * MIB, 512), 2, 2);
+    let mut d = connect(&s, 2, true);
+    let bufs: Vec<u64> = (0..2).map(|_| d.alloc(2 << 20, 4096).unwrap()).collect();
+    let mem = d.memory().clone();
+    let handles: Vec<_> = d
+        .take_queues()
+        .into_iter()
+        .zip(bufs)
+        .enumerate()
+        .map(|(qi, (mut q, buf))| {
+            let mem = mem.clone();
+            std::thread::spawn(move || {
+                use vm_memory::{Bytes, GuestAddress};
+                for round in 0..50u64 {
+                    let data = pattern((qi as u64 * 100 + round) as u8, 64 << 10);
+                    let sector = qi as u64 * 40_000 + round * 128;
+                    mem.write_slice(&data, GuestAddress(buf)).unwrap();
+                    let out = [Desc::readable(buf, data.len() as u32)];
+                    assert_eq!(
+                        blk_request(&mut q, VIRTIO_BLK_T_OUT, sector, &out, T)
+                            .unwrap()
+                            .0,
+                        OK
+                    );
+                    let inn = [Desc::writable(buf + (1 << 20), data.len() as u32)];
+                    assert_eq!(
+                        blk_request(&mut q, VIRTIO_BLK_T_IN, sector, &inn, T)
+                            .unwrap()
+                            .0,
+                        OK
+                    );
+                    let mut back = vec![0; data.len()];
+                    mem.read_slice(&mut back, GuestAddress(buf + (1 << 20)))
+                        .unwrap();
+                    assert!(back == data, "queue {qi} round {round}");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    drop(d);
+}
+
+/// Submits a raw chain and returns (status byte at `status_addr`, used length).
+fn raw(
+    q: &mut DriverQueue,
+    d: &Driver,
+    descs: &[RawDesc],
+    status_addr: Option<u64>,
+) -> (Option<u8>, u32) {
+    if let Some(a) = status_addr {
+        vm_memory_shim::put(d, a, &[0xff]);
+    }
+    let h = q.add_raw_chain(descs).unwrap();
+    q.publish_and_kick();
+    let (id, len) = q.wait_used(T).expect("a malformed request still completes");
+    assert_eq!(id, h);
+    (status_addr.map(|a| vm_memory_shim::get(d, a, 1)[0]), len)
+}
+
+fn hdr(d: &Driver, at: u64, ty: u32, sector: u64) {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&ty.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    vm_memory_shim::put(d, at, &h);
+}
+
+#[test]
+fn malformed_requests_fail_cleanly_and_are_counted() {
+    let s = TestServer::start(ram(16 * MIB, 512), 1, 1);
+    let mut d = connect(&s, 1, true);
+    let mem = d.alloc(1 << 20, 4096).unwrap();
+    let (h, data, st) = (mem, mem + 4096, mem + 8192);
+    let mut q = d.take_queues().pop().unwrap();
+    let (r, w, n) = (0u16, DESC_F_WRITE, DESC_F_NEXT);
+    let sectors = 16 * MIB / 512;
+    let cases: Vec<(&str, Malformed, Vec<RawDesc>, u32, u64, u8)> = vec![
+        // (name, counter, chain, header type, header sector, expected status)
+        (
+            "short header",
+            Malformed::Header,
+            vec![
+                RawDesc {
+                    addr: h,
+                    len: 8,
+                    flags: r | n,
+                    next: 1,
+                },
+                RawDesc {
+                    addr: st,
+                    len: 1,
+                    flags: w,
+                    next: 0,
+                },
+            ],
+            VIRTIO_BLK_T_IN,
+            0,
+            IOERR,
+        ),
+        (
+            "oversized header (data in the wrong direction)",
+            Malformed::Layout,
+            vec![
+                RawDesc {
+                    addr: h,
+                    len: 32,
+                    flags: r | n,
+                    next: 1,
+                },
+                RawDesc {
+                    addr: data,
+                    len: 512,
+                    flags: w | n,
+                    next: 2,
+                },
+                RawDesc {
+                    addr: st,
+                    len: 1,
+                    flags: w,
+                    next: 0,
+                },
+            ],
+            VIRTIO_BLK_T_IN,
+            0,
+            IOERR,
+        ),
+        (
+            "sector out of range",
+            Malformed::Range,
+            vec![
+                RawDesc {
+                    addr: h,
+                    len: 16,
+                    flags: r | n,
+                    next: 1,
+                },
+                RawDesc {
+                    addr: data,
+                    len: 512,
+                    flags: w | n,
+                    next: 2,
+                },
+                RawDesc {
+                    addr: st,
+                    len: 1,
+                    flags: w,
+                    next: 0,
+                },
+            ],
+            VIRTIO_BLK_T_IN,
+            sectors,
+            IOERR,
+        ),
+        (
+            "sector + length past the end",
+            Malformed::Range,
+            vec![
+                RawDesc {
+                    addr: h,
+                    len: 16,
+                    flags: r | n,
+                    next: 1,
+                },
+                RawDesc {
+                    addr: data,
+                    len: 1024,
+                    flags: w | n,
+                    next: 2,
+                },
+                RawDesc {
+                    addr: st,
+                    len: 1,
+                    flags: w,
+                    next: 0,
+                },
+            ],
+            VIRTIO_BLK_T_IN,
+            sectors - 1,
+            IOERR,
+        ),
+        (
+            "huge sector",
+            Malformed::Range,
+            vec![
+                RawDesc {
+                    addr: h,
+                    len: 16,
+                    flags: r | n,
+                    next: 1,
+                },
+                RawDesc {
+                    addr: data,
+                    len: 512,
+                    flags: w | n,
+                    next: 2,
+                },
+                RawDesc {
+                    addr: st,
+                    len: 1,
+                    flags: w,
+                    next: 0,
+                },
+            ],
+            VIRTIO_BLK_T_IN,
+            u64::MAX - 1,
+            IOERR,
+        ),
+        (
+            "length not a multiple of the block size",
+            Malformed::Length,
+            vec![
+                RawDesc {
+                    addr: h,
+                    len: 16,
+                    flags: r | n,
+                    next: 1,
+                },
+                RawDesc {
+                    addr: data,
+                    len: 100,
+                    flags: w | n,
+                    next: 2,
+                },
+                RawDesc {
+                    addr: st,
+                    len: 1,
+                    flags: w,
+                    next: 0,
+                },
+            ],
+            VIRTIO_BLK_T_IN,
+            0,
+            IOERR,
+        ),
+        (
+            "unknown request type",
+            Malformed::Unsupported,
+            vec![
+                RawDesc {
+                    addr: h,
+                    len: 16,
+                    flags: r | n,
+                    next: 1,
+                },
+                RawDesc {
+                    addr: st,
+                    len: 1,
+                    flags: w,
+                    next: 0,
+                },
+            ],
+            77,
+            0,
+            UNSUPP,
+        ),
+        (
+            "readable after writable",
+            Malformed::Layout,
+            vec![
+                RawDesc {
+                    addr: h,
+                    len: 16,
+                    flags: r | n,
+                    next: 1,
+                },
+                RawDesc {
+                    addr: data,
+                    len: 512,
+                    flags: w | n,
+                    next: 2,
+                },
+                RawDesc {
+                    addr: data,
+                    len: 512,
+                    flags: r | n,
+                    next: 3,
+                },
+                RawDesc {
+                    addr: st,
+                    len: 1,
+                    flags: w,
+                    next: 0,
+                },
+            ],
+            VIRTIO_BLK_T_OUT,
+            0,
+            0xff,
+        ),
+        (
+            "descriptor loop",
+            Malformed::BrokenChain,
+            vec![
+                RawDesc {
+                    addr: h,
+                    len: 16,
+                    flags: r | n,
+                    next: 1,
+                },
+                RawDesc {
+                    addr: data,
+                    len: 512,
+                    flags: r | n,
+                    next: 0,
+                },
+            ],
+            VIRTIO_BLK_T_OUT,
+            0,
+            0xff,
+        ),
+        (
+            "next index out of range",
+            Malformed::BrokenChain,
+            vec![RawDesc {
+                addr: h,
+                len: 16,
+                flags: r | n,
+                next: 1000,
+            }],
+            VIRTIO_BLK_T_IN,
+            0,
+            0xff,
+        ),
+        (
+            "header outside guest memory",
+            Malformed::Unmapped,
+            vec![
+                RawDesc {
+                    addr: 1 << 40,
+                    len: 16,
+                    flags: r | n,
+                    next: 1,
+                },
+                RawDesc {
+                    addr: st,
+                    len: 1,
+                    flags: w,
+                    next: 0,
+                },
+            ],
+            VIRTIO_BLK_T_IN,
+            0,
+            IOERR,
+        ),
+    ];
+    for (name, counter, chain, ty, sector, want) in cases {
+        hdr(&d, h, ty, sector);
+        let before = s.stats.get(counter);
+        // Chains are written starting at the next free id, so `next` values are relative: map them.
+        let ids = q.peek_free_ids(chain.len());
+        let chain: Vec<RawDesc> = chain
+            .iter()
+            .map(|c| RawDesc {
+                next: ids.get(c.next as usize).copied().unwrap_or(c.next),
+                ..*c
+            })
+            .collect();
+        let (status, used) = raw(&mut q, &d, &chain, Some(st));
+        if want == 0xff {
+            // No usable status byte: the chain comes back with nothing written.
+            assert_eq!(used, 0, "{name}");
+        } else {
+            assert_eq!(status, Some(want), "{name}: status");
+        }
+        assert_eq!(
+            s.stats.get(counter),
+            before + 1,
+            "{name}: counted as {counter:?}"
+        );
+    }
+    // Data outside guest memory is refused by the NVMe layer: IOERR, and guest memory untouched.
+    hdr(&d, h, VIRTIO_BLK_T_IN, 0);
+    let ids = q.peek_free_ids(3);
+    let chain = [
+        RawDesc {
+            addr: h,
+            len: 16,
+            flags: r | n,
+            next: ids[1],
+        },
+        RawDesc {
+            addr: (32 << 20) - 256,
+            len: 512,
+            flags: w | n,
+            next: ids[2],
+        },
+        RawDesc {
+            addr: st,
+            len: 1,
+            flags: w,
+            next: 0,
+        },
+    ];
+    let (status, _) = raw(&mut q, &d, &chain, Some(st));
+    assert_eq!(
+        status,
+        Some(IOERR),
+        "data straddling the end of guest memory"
+    );
+    assert!(
+        s.io_stats
+            .invalid
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    // Missing status descriptor (all readable) and a zero-length status.
+    for (name, chain) in [
+        (
+            "no status descriptor",
+            vec![
+                RawDesc {
+                    addr: h,
+                    len: 16,
+                    flags: r | n,
+                    next: 1,
+                },
+                RawDesc {
+                    addr: st,
+                    len: 1,
+                    flags: r,
+                    next: 0,
+                },
+            ],
+        ),
+        (
+            "zero-length status",
+            vec![
+                RawDesc {
+                    addr: h,
+                    len: 16,
+                    flags: r | n,
+                    next: 1,
+                },
+                RawDesc {
+                    addr: st,
+                    len: 0,
+                    flags: w,
+                    next: 0,
+                },
+            ],
+        ),
+    ] {
+        let before = s.stats.get(Malformed::NoStatus);
+        let ids = q.peek_free_ids(chain.len());
+        let chain: Vec<RawDesc> = chain
+            .iter()
+            .map(|c| RawDesc {
+                next: ids.get(c.next as usize).copied().unwrap_or(0),
+                ..*c
+            })
+            .collect();
+        let (_, used) = raw(&mut q, &d, &chain, None);
+        assert_eq!(used, 0, "{name}");
+        assert_eq!(s.stats.get(Malformed::NoStatus), before + 1, "{name}");
+    }
+    // The device still works.
+    let data_v = pattern(9, 4096);
+    assert_eq!(write(&d, &mut q, data, 8, &data_v), OK);
+    assert_eq!(read(&d, &mut q, data + 8192, 8, 4096), (OK, data_v));
+}
+
+#[test]
+fn read_only_disks_refuse_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("ro.img");
+    std::fs::write(&p, vec![7u8; 1 << 20]).unwrap();
+    let f = FileBackend::open(&FileOptions {
+        path: p,
+        size: None,
+        direct: false,
+        read_only: true,
+        block_size: 512,
+    })
+    .unwrap();
+    let s = TestServer::start(Arc::new(f), 1, 1);
+    let mut d = connect(&s, 1, true);
+    assert!(
+        d.acked_features() & (1 << 5) != 0,
+        "RO offered and negotiated"
+    );
+    let buf = d.alloc(8192, 4096).unwrap();
+    let mut q = d.take_queues().pop().unwrap();
+    assert_eq!(write(&d, &mut q, buf, 0, &[1u8; 512]), IOERR);
+    assert_eq!(s.stats.get(Malformed::ReadOnly), 1);
+    let (st, back) = read(&d, &mut q, buf, 0, 512);
+    assert_eq!(
+        (st, back),
+        (OK, vec![7u8; 512]),
+        "the write changed nothing"
+    );
+}
+
+#[test]
+fn reconnect_sees_earlier_writes() {
+    let s = TestServer::start(ram(16 * MIB, 512), 1, 1);
+    let data = pattern(3, 64 << 10);
+    {
+        let mut d = connect(&s, 1, true);
+        let buf = d.alloc(1 << 20, 4096).unwrap();
+        let mut q = d.take_queues().pop().unwrap();
+        assert_eq!(write(&d, &mut q, buf, 64, &data), OK);
+        drop(q);
+        d.disconnect();
+    }
+    for round in 0..3 {
+        let mut d = connect(&s, 1, round % 2 == 0);
+        let buf = d.alloc(1 << 20, 4096).unwrap();
+        let mut q = d.take_queues().pop().unwrap();
+        let (st, back) = read(&d, &mut q, buf, 64, data.len());
+        assert_eq!(st, OK);
+        assert!(back == data, "round {round}: data survives reconnects");
+        drop(q);
+        d.disconnect();
+    }
+}

@@ -1,0 +1,84 @@
+//! Counters of malformed requests, by reason. Incremented with relaxed atomics on the data path.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why a request was refused before reaching the queue pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Malformed {
+    /// The header is shorter than 16 bytes.
+    Header,
+    /// There is no writable status byte.
+    NoStatus,
+    /// Readable after writable descriptors, or data in the wrong direction.
+    Layout,
+    /// Length zero, not a multiple of the block size, or too large.
+    Length,
+    /// Sector (or sector + length) beyond the disk.
+    Range,
+    /// Write to a read-only disk.
+    ReadOnly,
+    /// A buffer outside guest memory.
+    Unmapped,
+    /// A descriptor loop, out-of-range next index, or bad indirect table.
+    BrokenChain,
+    /// More descriptors than a request may have.
+    ChainTooLong,
+    /// More data segments than a command can carry.
+    TooManySegments,
+    /// Reserved flags set in a discard / write-zeroes segment.
+    Flags,
+    /// Unknown request type.
+    Unsupported,
+    /// The avail ring itself is invalid (index beyond the queue size).
+    Ring,
+}
+
+const N: usize = Malformed::Ring as usize + 1;
+const NAMES: [&str; N] = [
+    "header",
+    "no_status",
+    "layout",
+    "length",
+    "range",
+    "read_only",
+    "unmapped",
+    "broken_chain",
+    "chain_too_long",
+    "too_many_segments",
+    "flags",
+    "unsupported",
+    "ring",
+];
+
+/// Counters for one device.
+#[derive(Debug, Default)]
+pub struct VhostStats {
+    malformed: [AtomicU64; N],
+}
+
+impl VhostStats {
+    /// Counts one refused request.
+    pub fn count(&self, why: Malformed) {
+        self.malformed[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+    /// How many requests were refused for `why`.
+    pub fn get(&self, why: Malformed) -> u64 {
+        self.malformed[why as usize].load(Ordering::Relaxed)
+    }
+    /// All refused requests.
+    pub fn total(&self) -> u64 {
+        self.malformed
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+    /// (name, count) pairs.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        NAMES
+            .iter()
+            .zip(&self.malformed)
+            .map(|(n, c)| (*n, c.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
