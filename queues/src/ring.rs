@@ -140,7 +140,10 @@ impl<T> Copy for RawSlots<T> {}
 
 impl<T> core::fmt::Debug for RawSlots<T> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("RawSlots").field("ptr", &self.ptr).field("len", &self.len).finish()
+        f.debug_struct("RawSlots")
+            .field("ptr", &self.ptr)
+            .field("len", &self.len)
+            .finish()
     }
 }
 
@@ -249,8 +252,12 @@ impl<T: Copy> LoomSlots<T> {
     /// `len` slots holding `init`, with zeroed status words.
     pub fn new(len: usize, init: T) -> Self {
         LoomSlots {
-            cells: (0..len).map(|_| loom::cell::UnsafeCell::new(init)).collect(),
-            status: (0..len).map(|_| loom::sync::atomic::AtomicU16::new(0)).collect(),
+            cells: (0..len)
+                .map(|_| loom::cell::UnsafeCell::new(init))
+                .collect(),
+            status: (0..len)
+                .map(|_| loom::sync::atomic::AtomicU16::new(0))
+                .collect(),
         }
     }
 }
@@ -405,7 +412,16 @@ impl<T: Copy, S: Slots<T>, D: Deref<Target = AtomicU32>> SqProducer<T, S, D> {
     /// the doorbells are not read here.
     pub fn new(slots: S, tail_db: D, head_db: D) -> Result<Self, RingError> {
         let size = ring_size(slots.len())?;
-        Ok(SqProducer { slots, size, tail: 0, published: 0, head: 0, tail_db, head_db, _entry: PhantomData })
+        Ok(SqProducer {
+            slots,
+            size,
+            tail: 0,
+            published: 0,
+            head: 0,
+            tail_db,
+            head_db,
+            _entry: PhantomData,
+        })
     }
 
     /// Number of slots.
@@ -473,7 +489,16 @@ impl<T: Copy, S: Slots<T>, D: Deref<Target = AtomicU32>> SqConsumer<T, S, D> {
     /// through `head_db`. The queue starts empty at index 0; the doorbells are not read here.
     pub fn new(slots: S, tail_db: D, head_db: D) -> Result<Self, RingError> {
         let size = ring_size(slots.len())?;
-        Ok(SqConsumer { slots, size, head: 0, released: 0, tail: 0, tail_db, head_db, _entry: PhantomData })
+        Ok(SqConsumer {
+            slots,
+            size,
+            head: 0,
+            released: 0,
+            tail: 0,
+            tail_db,
+            head_db,
+            _entry: PhantomData,
+        })
     }
 
     /// Number of slots.
@@ -538,7 +563,14 @@ impl<S: CqSlots, D: Deref<Target = AtomicU32>> CqProducer<S, D> {
     /// NVMe host does when it creates a completion queue).
     pub fn new(slots: S, head_db: D) -> Result<Self, RingError> {
         let size = ring_size(slots.len())?;
-        Ok(CqProducer { slots, size, tail: 0, phase: true, head: 0, head_db })
+        Ok(CqProducer {
+            slots,
+            size,
+            tail: 0,
+            phase: true,
+            head: 0,
+            head_db,
+        })
     }
 
     /// Number of slots.
@@ -596,7 +628,14 @@ impl<S: CqSlots, D: Deref<Target = AtomicU32>> CqConsumer<S, D> {
     /// expecting phase tag 1; the memory must be zeroed before the producer starts.
     pub fn new(slots: S, head_db: D) -> Result<Self, RingError> {
         let size = ring_size(slots.len())?;
-        Ok(CqConsumer { slots, size, head: 0, phase: true, released: 0, head_db })
+        Ok(CqConsumer {
+            slots,
+            size,
+            head: 0,
+            phase: true,
+            released: 0,
+            head_db,
+        })
     }
 
     /// Number of slots.
@@ -654,7 +693,9 @@ mod tests {
     struct Mem<T>(Box<[core::cell::UnsafeCell<T>]>);
     impl<T: Copy> Mem<T> {
         fn new(len: usize, init: T) -> Self {
-            Mem((0..len).map(|_| core::cell::UnsafeCell::new(init)).collect())
+            Mem((0..len)
+                .map(|_| core::cell::UnsafeCell::new(init))
+                .collect())
         }
         fn slots(&self) -> RawSlots<T> {
             // SAFETY: the boxed cells are aligned, valid for `len` entries and outlive every use
@@ -693,7 +734,10 @@ mod tests {
         let (tail, head) = (AtomicU32::new(0), AtomicU32::new(0));
         let mut c = SqConsumer::new(mem.slots(), &tail, &head).unwrap();
         tail.store(4, Ordering::Relaxed);
-        assert_eq!(c.pop(), Err(RingError::InvalidDoorbell { value: 4, size: 4 }));
+        assert_eq!(
+            c.pop(),
+            Err(RingError::InvalidDoorbell { value: 4, size: 4 })
+        );
         tail.store(u32::MAX, Ordering::Relaxed);
         assert!(c.pop().is_err());
 
@@ -702,21 +746,30 @@ mod tests {
         for i in 0..3 {
             p.push(i).unwrap();
         }
-        assert_eq!(p.push(3), Err(RingError::InvalidDoorbell { value: 77, size: 4 }));
+        assert_eq!(
+            p.push(3),
+            Err(RingError::InvalidDoorbell { value: 77, size: 4 })
+        );
 
         let cq = Mem::new(4, Cqe::default());
         let mut cp = CqProducer::new(cq.slots(), &head).unwrap();
         for i in 0..3 {
             cp.push(Cqe::new(i, Status::SUCCESS)).unwrap();
         }
-        assert!(matches!(cp.push(Cqe::default()), Err(RingError::InvalidDoorbell { .. })));
+        assert!(matches!(
+            cp.push(Cqe::default()),
+            Err(RingError::InvalidDoorbell { .. })
+        ));
     }
 
     #[test]
     fn bad_sizes_are_rejected() {
         let mem = Mem::new(1, 0u8);
         let db = AtomicU32::new(0);
-        assert_eq!(SqProducer::new(mem.slots(), &db, &db).err(), Some(RingError::InvalidSize(1)));
+        assert_eq!(
+            SqProducer::new(mem.slots(), &db, &db).err(),
+            Some(RingError::InvalidSize(1))
+        );
         let big = Mem::new(MAX_QUEUE_SIZE + 1, 0u8);
         assert!(SqConsumer::new(big.slots(), &db, &db).is_err());
     }
@@ -738,7 +791,11 @@ mod tests {
                 p.push(e).unwrap();
                 next_cid += 1;
             }
-            assert_eq!(p.push(Cqe::default()), Err(RingError::Full), "round {round}");
+            assert_eq!(
+                p.push(Cqe::default()),
+                Err(RingError::Full),
+                "round {round}"
+            );
             for _ in 0..2 {
                 let e = c.pop().expect("entry");
                 assert_eq!(e.cid(), expect);
@@ -761,7 +818,10 @@ mod tests {
         p.push(Cqe::new(9, Status::INVALID_FIELD)).unwrap();
         // SAFETY: no other access is in progress.
         let raw = unsafe { mem.slots().read(0) };
-        assert_eq!(u16::from_le(raw.status), (Status::INVALID_FIELD.raw() << 1) | 1);
+        assert_eq!(
+            u16::from_le(raw.status),
+            (Status::INVALID_FIELD.raw() << 1) | 1
+        );
         assert_eq!(raw.cid(), 9);
     }
 
@@ -774,7 +834,12 @@ mod tests {
     }
 
     fn op() -> impl Strategy<Value = Op> {
-        prop_oneof![Just(Op::Push), Just(Op::Publish), Just(Op::Pop), Just(Op::Release)]
+        prop_oneof![
+            Just(Op::Push),
+            Just(Op::Publish),
+            Just(Op::Pop),
+            Just(Op::Release)
+        ]
     }
 
     proptest! {

@@ -126,7 +126,7 @@ fn run_case(backend_name: &str, qd: u16, a: &BenchArgs) -> Result<Row, String> {
     let stop = server.stop_handle();
     let srv = std::thread::spawn(move || server.run());
 
-    let queue_size = (qd as usize * 2).next_power_of_two().clamp(64, 1024) as u16;
+    let queue_size = (qd as usize * 3).next_power_of_two().clamp(64, 1024) as u16;
     let mem = 16 << 20 | (qd as usize * a.bs as usize * 2);
     let mut drv = Driver::connect(
         &sock,

@@ -152,7 +152,7 @@ pub fn run(
     })?;
     let info = backend.info();
     log::info!(
-        "serving {} ({} bytes, {}-byte blocks{}) on {} with {} queue(s), {} poller(s), platform {}",
+        "serving {} ({} bytes, {}-byte blocks{}) on {} with {} queue(s), {} poller(s), platform {} ({} KiB pages)",
         backend.kind(),
         info.size,
         info.block_size,
@@ -160,7 +160,8 @@ pub fn run(
         o.socket.display(),
         o.queues,
         npollers,
-        platform.name()
+        platform.name(),
+        platform.page_size() >> 10
     );
     how_to_attach(o);
     let r = server.run().map_err(|e| e.to_string());

@@ -13,7 +13,9 @@ pub fn block_termination() -> Result<SigSet, String> {
     Ok(set)
 }
 
-/// Runs `f` on the first SIGINT or SIGTERM, from a dedicated thread. A second signal exits at once.
+/// Runs `f` on the first SIGINT or SIGTERM, from a dedicated thread. A signal that arrives more
+/// than two seconds later (the user insisting; duplicates sent to the whole process group arrive
+/// at once and are ignored) exits without waiting for the clean stop.
 pub fn on_termination(
     set: SigSet,
     f: impl FnOnce(Signal) + Send + 'static,
@@ -22,10 +24,15 @@ pub fn on_termination(
         .name("leap-signals".into())
         .spawn(move || {
             if let Ok(sig) = set.wait() {
+                let first = std::time::Instant::now();
                 f(sig);
-                if set.wait().is_ok() {
-                    eprintln!("leapd: second signal, exiting without waiting");
-                    std::process::exit(130);
+                while set.wait().is_ok() {
+                    if first.elapsed() > std::time::Duration::from_secs(2) {
+                        eprintln!(
+                            "leapd: second signal, exiting without waiting for in-flight I/O"
+                        );
+                        std::process::exit(130);
+                    }
                 }
             }
         })

@@ -100,8 +100,8 @@ fn negotiates_features_and_config() {
     assert_eq!(c.capacity, 64 * MIB / 512);
     assert_eq!(c.blk_size, 4096);
     assert_eq!(c.num_queues, 2);
-    assert_eq!(
-        c.writeback, true,
+    assert!(
+        c.writeback,
         "write-back cache by default, so guests send FLUSH"
     );
     assert!(c.seg_max >= 32 && c.size_max >= 4096);
@@ -281,7 +281,9 @@ fn malformed_requests_fail_cleanly_and_are_counted() {
     let mut q = d.take_queues().pop().unwrap();
     let (r, w, n) = (0u16, DESC_F_WRITE, DESC_F_NEXT);
     let sectors = 16 * MIB / 512;
-    let cases: Vec<(&str, Malformed, Vec<RawDesc>, u32, u64, u8)> = vec![
+    // (name, counter, chain, header type, header sector, expected status; 0xff: none written)
+    type Case = (&'static str, Malformed, Vec<RawDesc>, u32, u64, u8);
+    let cases: Vec<Case> = vec![
         // (name, counter, chain, header type, header sector, expected status)
         (
             "short header",

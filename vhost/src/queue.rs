@@ -158,7 +158,11 @@ impl Port for BlkQueue {
                 };
                 if let Err((Reject(st, why), parsed)) = res {
                     self.shared.stats.count(why);
-                    log_limited!(log::Level::Warn, "queue {}: request {head} refused: {why:?}", self.index);
+                    log_limited!(
+                        log::Level::Warn,
+                        "queue {}: request {head} refused: {why:?}",
+                        self.index
+                    );
                     // A chain that parsed gets its status byte; one that did not (loop, bad
                     // layout) has no trustworthy status location, so nothing is written. Either
                     // way it is returned, so the guest never waits forever.

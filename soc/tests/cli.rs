@@ -1,0 +1,194 @@
+//! The leapd binary as a user meets it: clear one-line errors, socket permissions, refusing a
+//! socket a live leapd serves, and a clean exit on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn leapd() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_leapd"));
+    c.env("RUST_LOG", "info");
+    c
+}
+
+fn fails_with(args: &[&str], needle: &str) {
+    let out = leapd().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected {needle:?} in: {err}"
+    );
+}
+
+fn wait_for(p: &Path) {
+    let t = Instant::now();
+    while !p.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{} never appeared",
+            p.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn serve(dir: &Path, extra: &[&str]) -> Child {
+    let sock = dir.join("d.sock");
+    let disk = format!("{},size=16M", dir.join("d.img").display());
+    let mut child = leapd()
+        .args([
+            "serve",
+            "--socket",
+            sock.to_str().unwrap(),
+            "--disk",
+            &disk,
+            "--queues",
+            "1",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Ready when it logs that it serves (the socket may exist already: a stale one).
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("serving") {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "leapd exited before serving"
+        );
+    }
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    wait_for(&sock);
+    child
+}
+
+fn terminate(mut child: Child) -> std::process::ExitStatus {
+    // SAFETY: kill(2) on the PID of a child we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "leapd did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn bad_input_gets_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sock = d.join("s.sock");
+    let s = sock.to_str().unwrap();
+    let missing = format!("{}", d.join("missing.img").display());
+    fails_with(
+        &["serve", "--socket", s, "--disk", &missing],
+        "does not exist (add size=SIZE",
+    );
+    fails_with(
+        &["serve", "--socket", s, "--disk", "x.img,size=12Q"],
+        "unknown unit",
+    );
+    fails_with(
+        &["serve", "--socket", s, "--disk", "x.img,colour=red"],
+        "unknown disk option",
+    );
+    fails_with(
+        &["serve", "--socket", s, "--disk", "/proc/nope/x.img,size=1M"],
+        "cannot open",
+    );
+    fails_with(
+        &[
+            "serve",
+            "--socket",
+            s,
+            "--disk",
+            "x.img,size=1M",
+            "--block-size",
+            "1000",
+        ],
+        "512 or 4096",
+    );
+    fails_with(
+        &[
+            "serve",
+            "--socket",
+            s,
+            "--disk",
+            "x.img,size=1M",
+            "--socket-mode",
+            "999",
+        ],
+        "octal",
+    );
+    fails_with(
+        &["serve", "--disk", "x.img,size=1M"],
+        "--disk needs --socket",
+    );
+    fails_with(
+        &[
+            "serve",
+            "--socket",
+            "/proc/nope/s.sock",
+            "--disk",
+            &format!("{},size=1M", d.join("y.img").display()),
+        ],
+        "cannot listen",
+    );
+    assert!(!sock.exists());
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_removes_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = serve(dir.path(), &[]);
+    let sock = dir.path().join("d.sock");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket is private by default");
+    let img = std::fs::metadata(dir.path().join("d.img")).unwrap();
+    assert_eq!(img.len(), 16 << 20, "size= creates the file");
+    let status = terminate(child);
+    assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
+    assert!(!sock.exists(), "socket removed on exit");
+}
+
+#[test]
+fn socket_mode_is_honoured_and_a_live_socket_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = serve(dir.path(), &["--socket-mode", "0660"]);
+    let sock = dir.path().join("d.sock");
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o660
+    );
+    let disk = format!("{},size=16M", dir.path().join("e.img").display());
+    let out = leapd()
+        .args(["serve", "--socket", sock.to_str().unwrap(), "--disk", &disk])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already served"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(sock.exists(), "the live server's socket is left alone");
+    assert_eq!(terminate(child).code(), Some(0));
+    // A stale socket (nobody listening) is replaced.
+    std::os::unix::net::UnixListener::bind(&sock)
+        .map(drop)
+        .unwrap();
+    let child = serve(dir.path(), &[]);
+    assert_eq!(terminate(child).code(), Some(0));
+}
