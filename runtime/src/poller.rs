@@ -110,6 +110,9 @@ enum Ctl {
 
 struct Shared {
     ctl: Mutex<Vec<Ctl>>,
+    /// Set (Release) after pushing to `ctl`; the poller swaps it (Acquire) once per round, so the
+    /// lock is only taken when a request is waiting.
+    ctl_pending: AtomicBool,
     stop: AtomicBool,
     wake: Waker,
     stats: PollerStats,
@@ -159,6 +162,7 @@ impl Poller {
         let wake = Waker(Arc::new(unsafe { OwnedFd::from_raw_fd(efd) }));
         let shared = Arc::new(Shared {
             ctl: Mutex::new(Vec::new()),
+            ctl_pending: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             wake,
             stats: PollerStats::default(),
@@ -302,10 +306,12 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
     let mut last_work = Instant::now();
     let wake_fd = shared.wake.0.as_raw_fd();
     loop {
-        // Control requests are rare; checking the lock only when the wake counter says so would
-        // save little, so take it when something is queued (try_lock keeps the round lock-free
-        // when the control plane holds it).
-        if let Ok(mut ctl) = shared.ctl.try_lock() {
+        // Control requests are rare: one atomic swap per round, the lock only when one waits.
+        if shared.ctl_pending.load(Ordering::Relaxed) && shared.ctl_pending.swap(false, Ordering::Acquire) {
+            let mut ctl = match shared.ctl.lock() {
+                Ok(c) => c,
+                Err(p) => p.into_inner(),
+            };
             for c in ctl.drain(..) {
                 match c {
                     Ctl::Attach(p) => pairs.push(p),

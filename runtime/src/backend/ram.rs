@@ -1,11 +1,12 @@
 //! The RAM back end: a disk held in anonymous memory, for tests and benchmarks that need data to
-//! round-trip without touching a file system.
+//! round-trip without touching a file system. Its memory is populated when it is created, so
+//! I/O never waits for page faults.
 
 use super::{Backend, BackendError, BackendQueue, DiskInfo, IoOp, IoRequest, Submitted};
 use leap_queues::Status;
 use std::os::fd::RawFd;
 
-/// A disk in anonymous memory (reserved lazily: untouched blocks cost nothing and read as zeros).
+/// A disk in anonymous memory, populated up front; discarded ranges are given back to the kernel.
 pub struct RamBackend {
     info: DiskInfo,
     base: *mut u8,
@@ -37,7 +38,7 @@ impl RamBackend {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_POPULATE,
                 -1,
                 0,
             )
