@@ -7,7 +7,8 @@
 #      LEAP_REQUIRE_GUEST=1)
 #   4. scripts/build-aarch64.sh           (when CI=true or LEAP_AARCH64=1; LEAP_AARCH64_TEST=1 also
 #      runs the aarch64 tests under qemu-user)
-# Env: LEAP_SKIP_GUEST=1 skips step 3 (not allowed with CI=true); LEAP_SKIP_AARCH64=1 skips step 4.
+# Env: LEAP_CARGO_TEST_TIMEOUT (s, default 1800) bounds step 2 (status 124 = it timed out).
+#      LEAP_SKIP_GUEST=1 skips step 3 (not allowed with CI=true); LEAP_SKIP_AARCH64=1 skips step 4.
 # Prints one summary line at the end: "test.sh: PASS ..." or "test.sh: FAIL at <step> ...".
 set -euo pipefail
 
@@ -46,7 +47,8 @@ if [ "$(id -u)" = 0 ]; then
   step deps env LEAP_INSTALL_ARM64="${LEAP_INSTALL_ARM64:-$aarch64}" scripts/install-deps.sh
 fi
 
-step cargo-test cargo test --workspace --all-targets
+# a hung test must not hang CI: LEAP_CARGO_TEST_TIMEOUT seconds (default 1800) for build + tests
+step cargo-test timeout -k 30 "${LEAP_CARGO_TEST_TIMEOUT:-1800}" cargo test --workspace --all-targets
 
 if [ "${LEAP_SKIP_GUEST:-0}" = 1 ]; then
   if [ "${CI:-}" = true ]; then current=guest; echo "LEAP_SKIP_GUEST=1 is not allowed with CI=true" >&2; exit 1; fi

@@ -263,6 +263,7 @@ impl Poller {
             .lock()
             .map_err(|_| PollerError::Stopped)?
             .push(c);
+        self.shared.ctl_pending.store(true, Ordering::Release);
         self.shared.wake.wake();
         Ok(())
     }
@@ -316,7 +317,10 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
                 match c {
                     Ctl::Attach(p) => pairs.push(p),
                     Ctl::Detach(id, tx) => match pairs.iter_mut().find(|p| p.id == id) {
-                        Some(p) => p.draining = Some(tx),
+                        Some(p) => {
+                            log::debug!("poller: draining pair {id:?}: {} command(s) in flight", p.sq.in_flight());
+                            p.draining = Some(tx)
+                        }
                         None => drop(tx),
                     },
                 }
@@ -367,7 +371,7 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
             raced |= p.port.arm();
         }
         if raced
-            || !shared.ctl.lock().map(|c| c.is_empty()).unwrap_or(true)
+            || shared.ctl_pending.load(Ordering::Acquire)
             || shared.stop.load(Ordering::Acquire)
         {
             for p in pairs.iter_mut() {

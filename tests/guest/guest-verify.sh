@@ -3,7 +3,10 @@
 # chosen back end (2 queues), boot a QEMU (TCG) guest on it and run the "verify" job (size, queues,
 # discard, write cache, fio crc32c verify, flush, discard, write zeroes), then stop the back end.
 #
-#   tests/guest/guest-verify.sh [--backend leapd|qsd] [--keep]
+#   tests/guest/guest-verify.sh [--backend leapd|qsd] [--block-size 512|4096] [--keep]
+#
+# --block-size (leapd only): passed to leapd serve and checked as the guest's logical block size.
+# --keep: keep the work dir (image) under target/guest/verify-*.
 #
 # leapd: LEAPD=path overrides target/release/leapd (else built with cargo). It must exit 0 on
 #   SIGTERM. Expectations (env): LEAP_GUEST_EXPECT_DISCARD (default 1), LEAP_GUEST_EXPECT_WRITE_CACHE
@@ -18,16 +21,22 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$here/lib.sh"
 root=$GUEST_ROOT
 
-backend=leapd keep=0
+backend=leapd keep=0 bsize=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --backend) backend=$2; shift 2 ;;
     --keep) keep=1; shift ;;
+    --block-size) bsize=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "guest-verify: unknown argument '$1'" >&2; exit 2 ;;
   esac
 done
 case "$backend" in leapd|qsd) ;; *) echo "guest-verify: --backend must be leapd or qsd" >&2; exit 2 ;; esac
+if [ -n "$bsize" ]; then
+  [ "$backend" = leapd ] || { echo "guest-verify: --block-size needs --backend leapd" >&2; exit 2; }
+  LEAPD_ARGS="${LEAPD_ARGS:-} --block-size $bsize"
+  export LEAPD_ARGS
+fi
 
 need_qsd=0; [ "$backend" = qsd ] && need_qsd=1
 missing=$(guest_missing_deps "$need_qsd")
@@ -78,6 +87,7 @@ echo "guest-verify: $backend pid $BACKEND_PID serving $sock (log $blog)"
 
 args=(--socket "$sock" --job verify --queues "$queues" --expect-queues "$queues"
       --expect-size-bytes "$size" --log "$glog" --timeout "${LEAP_GUEST_TIMEOUT:-240}")
+[ -z "$bsize" ] || args+=(--expect-block-size "$bsize")
 if [ "$backend" = leapd ]; then
   args+=(--expect-discard "${LEAP_GUEST_EXPECT_DISCARD:-1}"
          --expect-write-cache "${LEAP_GUEST_EXPECT_WRITE_CACHE-write back}")
@@ -100,4 +110,4 @@ if [ "$brc" != 0 ]; then
   fi
   echo "guest-verify: note: $backend exited with status $brc after SIGTERM" >&2
 fi
-echo "guest-verify: PASS backend=$backend size=$size queues=$queues (${elapsed}s)"
+echo "guest-verify: PASS backend=$backend size=$size queues=$queues${bsize:+ block_size=$bsize} (${elapsed}s)"
