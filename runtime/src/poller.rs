@@ -304,11 +304,16 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
     let mut pairs: Vec<Box<Pair>> = Vec::new();
     let mut scratch = Scratch::default();
     let mut pollfds: Vec<libc::pollfd> = Vec::new();
-    let mut last_work = Instant::now();
+    // Idle rounds in a row, and when the idle spell began: the clock is read once per spell and
+    // then every 64 rounds, not every round (clock reads are not free on every platform).
+    let mut idle_rounds = 0u32;
+    let mut idle_since = Instant::now();
     let wake_fd = shared.wake.0.as_raw_fd();
     loop {
         // Control requests are rare: one atomic swap per round, the lock only when one waits.
-        if shared.ctl_pending.load(Ordering::Relaxed) && shared.ctl_pending.swap(false, Ordering::Acquire) {
+        if shared.ctl_pending.load(Ordering::Relaxed)
+            && shared.ctl_pending.swap(false, Ordering::Acquire)
+        {
             let mut ctl = match shared.ctl.lock() {
                 Ok(c) => c,
                 Err(p) => p.into_inner(),
@@ -318,7 +323,10 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
                     Ctl::Attach(p) => pairs.push(p),
                     Ctl::Detach(id, tx) => match pairs.iter_mut().find(|p| p.id == id) {
                         Some(p) => {
-                            log::debug!("poller: draining pair {id:?}: {} command(s) in flight", p.sq.in_flight());
+                            log::debug!(
+                                "poller: draining pair {id:?}: {} command(s) in flight",
+                                p.sq.in_flight()
+                            );
                             p.draining = Some(tx)
                         }
                         None => drop(tx),
@@ -355,10 +363,14 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
         }
         shared.stats.rounds.fetch_add(1, Ordering::Relaxed);
         if work > 0 {
-            last_work = Instant::now();
+            idle_rounds = 0;
             continue;
         }
-        if last_work.elapsed() < cfg.idle_spin {
+        idle_rounds += 1;
+        if idle_rounds == 1 {
+            idle_since = Instant::now();
+        }
+        if idle_rounds % 64 != 0 || idle_since.elapsed() < cfg.idle_spin {
             std::hint::spin_loop();
             continue;
         }
@@ -377,7 +389,7 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
             for p in pairs.iter_mut() {
                 p.port.disarm();
             }
-            last_work = Instant::now();
+            idle_rounds = 0;
             continue;
         }
         pollfds.clear();
@@ -403,7 +415,7 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
         for p in pairs.iter_mut() {
             p.port.disarm();
         }
-        last_work = Instant::now();
+        idle_rounds = 0;
     }
 }
 

@@ -159,20 +159,24 @@ fn run_case(backend_name: &str, qd: u16, a: &BenchArgs) -> Result<Row, String> {
     let mut started = vec![Instant::now(); queue_size as usize];
     let mut buf_of = vec![0usize; queue_size as usize];
     let mut hist = Histogram::new();
+    // One clock read per batch: every request submitted in a batch shares its start time, and
+    // every completion reaped in a batch its end time (clock reads cost ~100 ns on some VMs).
     let submit = |q: &mut leap_vhost::driver::DriverQueue,
                   buf: usize,
+                  now: Instant,
                   started: &mut [Instant],
                   buf_of: &mut [usize],
                   sector: u64|
      -> Result<(), String> {
         let head = submit_blk(q, 0, sector, &[Desc::writable(bufs[buf], a.bs)])
             .map_err(|e| format!("submit: {e}"))?;
-        started[head as usize] = Instant::now();
+        started[head as usize] = now;
         buf_of[head as usize] = buf;
         Ok(())
     };
+    let now = Instant::now();
     for b in 0..qd as usize {
-        submit(&mut q, b, &mut started, &mut buf_of, next_sector())?;
+        submit(&mut q, b, now, &mut started, &mut buf_of, next_sector())?;
     }
     q.publish_and_kick();
     let cpu0 = pollers[0].cpu_time();
@@ -181,26 +185,46 @@ fn run_case(backend_name: &str, qd: u16, a: &BenchArgs) -> Result<Row, String> {
     let mut last_progress = t0;
     let mut errors = 0u64;
     let mut done = 0u64;
-    while t0.elapsed() < dur {
-        let mut any = false;
+    let mut spins = 0u32;
+    loop {
+        let mut now = None;
         while let Some((head, _len)) = q.poll_used() {
-            any = true;
+            let t = *now.get_or_insert_with(Instant::now);
             let h = head as usize;
-            hist.record(started[h].elapsed().as_nanos() as u64);
+            hist.record(t.duration_since(started[h]).as_nanos() as u64);
             if blk_status(&q, head) != 0 {
                 errors += 1;
             }
             done += 1;
-            submit(&mut q, buf_of[h], &mut started, &mut buf_of, next_sector())?;
+            submit(
+                &mut q,
+                buf_of[h],
+                t,
+                &mut started,
+                &mut buf_of,
+                next_sector(),
+            )?;
         }
-        if any {
-            q.publish_and_kick();
-        } else {
-            std::hint::spin_loop();
+        let t = match now {
+            Some(t) => {
+                q.publish_and_kick();
+                t
+            }
+            None => {
+                std::hint::spin_loop();
+                spins += 1;
+                if spins % 256 != 0 {
+                    continue;
+                }
+                Instant::now()
+            }
+        };
+        if t.duration_since(t0) >= dur {
+            break;
         }
-        if last_progress.elapsed() >= Duration::from_secs(1) {
-            last_progress = Instant::now();
-            let s = t0.elapsed().as_secs_f64();
+        if t.duration_since(last_progress) >= Duration::from_secs(1) {
+            last_progress = t;
+            let s = t.duration_since(t0).as_secs_f64();
             eprint!(
                 "\r  {backend_name} qd={qd}: {:>5.1}s  {:>10.0} IOPS   ",
                 s,

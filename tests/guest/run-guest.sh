@@ -96,6 +96,8 @@ q() { printf '%s=%q\n' "$1" "$2"; }
   q FORCE_WRITE_BACK "$force_wb"
   q VERIFY_SIZE_MB "$verify_mb"
   q BENCH_RUNTIME "$bench_rt"
+  # the guest's own watchdog fires first and reports stuck I/O; QEMU's timeout is the backstop
+  q GUEST_TIMEOUT "$(( timeout_s > 60 ? timeout_s - 30 : timeout_s / 2 ))"
   [ -z "$bench_jobs" ] || q BENCH_JOBS "$bench_jobs"
 } > "$run/cpio/job/env"
 # printf %q may emit $'..' quoting that busybox sh does not know: refuse such values
