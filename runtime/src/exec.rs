@@ -390,3 +390,201 @@ fn data_segments(
     )?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::Region;
+    use crate::backend::RamBackend;
+    use leap_queues::nvme::sgl_subtype;
+
+    const GUEST: u64 = 0x10_0000;
+
+    struct Fixture {
+        ns: Arc<Namespace>,
+        mem: Vec<u8>,
+        scratch: Scratch,
+        bq: Box<dyn BackendQueue>,
+    }
+
+    impl Fixture {
+        fn new(read_only: bool) -> Self {
+            let ram = RamBackend::new(1 << 20, 512).unwrap();
+            let backend: Arc<dyn Backend> = Arc::new(ram);
+            let bq = backend.open_queue(8).unwrap();
+            let ns = Namespace::new(backend);
+            let ns = if read_only {
+                // The same disk seen through a write-protected namespace.
+                let mut n = Arc::try_unwrap(ns).ok().unwrap();
+                n.info.read_only = true;
+                Arc::new(n)
+            } else {
+                ns
+            };
+            Fixture {
+                ns,
+                mem: vec![0; 64 << 10],
+                scratch: Scratch::default(),
+                bq,
+            }
+        }
+        fn aspace(&mut self) -> AddressSpace {
+            let host = self.mem.as_mut_ptr() as usize;
+            AddressSpace::new(
+                vec![Region {
+                    guest: GUEST,
+                    len: self.mem.len() as u64,
+                    host,
+                    device: GUEST,
+                }],
+                None,
+            )
+            .unwrap()
+        }
+        fn run(&mut self, sqe: &Sqe, capsule: &[u8]) -> Status {
+            let a = self.aspace();
+            // SAFETY: `self.mem` outlives the call; the RAM back end finishes inside `submit`.
+            match unsafe { start(&self.ns, sqe, capsule, &a, &mut self.scratch, &mut *self.bq) } {
+                Started::Done(s) => s,
+                Started::Pending(n) => panic!("RAM back end left {n} operations pending"),
+            }
+        }
+    }
+
+    fn rw(op: u8, slba: u64, nlb: u32) -> Sqe {
+        let mut s = Sqe::new(op, 3);
+        s.set_nsid(1);
+        s.set_slba(slba);
+        s.set_nlb(nlb);
+        s
+    }
+
+    #[test]
+    fn prp_and_sgl_writes_read_back() {
+        let mut f = Fixture::new(false);
+        f.mem[..4096].fill(0x5a);
+        // Write 8 blocks with PRP1 only (one 4 KiB page).
+        let mut w = rw(io::WRITE, 16, 8);
+        w.set_prps(GUEST, 0);
+        assert_eq!(f.run(&w, &[]), Status::SUCCESS);
+        // Read them back through a two-descriptor SGL held in the capsule.
+        let mut r = rw(io::READ, 16, 8);
+        let mut capsule = [0u8; 32];
+        capsule[..16].copy_from_slice(&leap_queues::sgl::encode_descriptor(&SglDescriptor::data(
+            GUEST + 8192,
+            1024,
+        )));
+        capsule[16..].copy_from_slice(&leap_queues::sgl::encode_descriptor(&SglDescriptor::data(
+            GUEST + 16384,
+            3072,
+        )));
+        r.set_sgl1(SglDescriptor::new(
+            sgl_type::LAST_SEGMENT,
+            sgl_subtype::OFFSET,
+            0,
+            32,
+        ));
+        assert_eq!(f.run(&r, &capsule), Status::SUCCESS);
+        assert!(f.mem[8192..9216].iter().all(|&b| b == 0x5a));
+        assert!(f.mem[16384..19456].iter().all(|&b| b == 0x5a));
+        // A PRP list: 12 KiB starting mid-page (PRP1 offset 512, list in guest memory).
+        let list = GUEST + 0xf000;
+        for (k, page) in [GUEST + 0x1000, GUEST + 0x2000, GUEST + 0x3000]
+            .iter()
+            .enumerate()
+        {
+            let at = (0xf000 + 8 * k) as usize;
+            f.mem[at..at + 8].copy_from_slice(&page.to_le_bytes());
+        }
+        let mut r = rw(io::READ, 0, 24);
+        r.set_prps(GUEST + 512, list);
+        assert_eq!(f.run(&r, &[]), Status::SUCCESS);
+    }
+
+    #[test]
+    fn refuses_bad_commands_without_touching_memory() {
+        let mut f = Fixture::new(false);
+        let blocks = f.ns.blocks();
+        let mut cases: Vec<(&str, Sqe, Status)> = Vec::new();
+        let mut s = rw(io::READ, blocks - 1, 2);
+        s.set_sgl1(SglDescriptor::data(GUEST, 1024));
+        cases.push(("past the end", s, Status::LBA_OUT_OF_RANGE));
+        let mut s = rw(io::READ, u64::MAX, 1);
+        s.set_sgl1(SglDescriptor::data(GUEST, 512));
+        cases.push(("slba overflow", s, Status::LBA_OUT_OF_RANGE));
+        let mut s = rw(io::READ, 0, 1);
+        s.set_nsid(2);
+        cases.push(("bad namespace", s, Status::INVALID_NAMESPACE));
+        let mut s = rw(io::READ, 0, 2);
+        s.set_sgl1(SglDescriptor::data(GUEST, 512));
+        cases.push((
+            "SGL shorter than the transfer",
+            s,
+            Status::SGL_LENGTH_INVALID,
+        ));
+        let mut s = rw(io::READ, 0, 1);
+        s.set_sgl1(SglDescriptor::data(GUEST + (64 << 10) - 256, 512));
+        cases.push((
+            "buffer past guest memory",
+            s,
+            Status::DATA_TRANSFER_ERROR.with_dnr(),
+        ));
+        let mut s = rw(io::READ, 0, 1);
+        s.set_sgl1(SglDescriptor::new(
+            sgl_type::DATA_BLOCK,
+            sgl_subtype::OFFSET,
+            0,
+            512,
+        ));
+        cases.push(("read into the capsule", s, Status::SGL_TYPE_INVALID));
+        let mut s = rw(io::READ, 0, 1);
+        s.set_sgl1(SglDescriptor::new(
+            sgl_type::LAST_SEGMENT,
+            sgl_subtype::OFFSET,
+            4096,
+            32,
+        ));
+        cases.push(("segment outside the capsule", s, Status::SGL_OFFSET_INVALID));
+        let mut s = rw(io::READ, 0, 8);
+        s.set_prps(GUEST + 1, 0);
+        cases.push(("unaligned PRP list", s, Status::INVALID_PRP_OFFSET));
+        cases.push(("unknown opcode", rw(0x7e, 0, 1), Status::INVALID_OPCODE));
+        let mut s = rw(io::DATASET_MANAGEMENT, 0, 1);
+        s.set_cdw(10, 0);
+        s.set_cdw(11, DSM_ATTR_DEALLOCATE);
+        s.set_sgl1(SglDescriptor::new(
+            sgl_type::DATA_BLOCK,
+            sgl_subtype::OFFSET,
+            0,
+            16,
+        ));
+        let mut capsule = [0u8; 16];
+        capsule[4..8].copy_from_slice(&8u32.to_le_bytes());
+        capsule[8..16].copy_from_slice(&(blocks - 4).to_le_bytes());
+        f.mem.fill(0xcc);
+        for (name, sqe, want) in cases {
+            assert_eq!(f.run(&sqe, &[0; 16]), want, "{name}");
+        }
+        assert_eq!(
+            f.run(&s, &capsule),
+            Status::LBA_OUT_OF_RANGE,
+            "discard range past the end"
+        );
+        assert!(
+            f.mem.iter().all(|&b| b == 0xcc),
+            "no refused command wrote guest memory"
+        );
+    }
+
+    #[test]
+    fn read_only_namespaces_refuse_writes() {
+        let mut f = Fixture::new(true);
+        let mut w = rw(io::WRITE, 0, 1);
+        w.set_sgl1(SglDescriptor::data(GUEST, 512));
+        assert_eq!(f.run(&w, &[]), Status::NS_WRITE_PROTECTED);
+        assert_eq!(
+            f.run(&rw(io::WRITE_ZEROES, 0, 1), &[]),
+            Status::NS_WRITE_PROTECTED
+        );
+    }
+}

@@ -251,7 +251,13 @@ impl Poller {
     pub fn detach(&self, id: PairId) -> Result<Box<dyn Port>, PollerError> {
         let (tx, rx) = mpsc::channel();
         self.control(Ctl::Detach(id, tx))?;
-        rx.recv().map_err(|_| PollerError::Stopped)
+        rx.recv().map_err(|_| {
+            if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+                PollerError::Stopped
+            } else {
+                PollerError::Invalid("no such queue pair on this poller")
+            }
+        })
     }
 
     fn control(&self, c: Ctl) -> Result<(), PollerError> {
@@ -551,5 +557,115 @@ fn count(s: &IoStats, _ns: &Namespace, c: &Cmd, status: Status) {
         Some(Kind::Discard) => stats::inc(&s.discards),
         Some(Kind::WriteZeroes) => stats::inc(&s.write_zeroes),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::NullBackend;
+    use leap_queues::nvme::io;
+    use leap_queues::Sqe;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A front end that sends `left` flushes and counts their completions.
+    struct FlushPort {
+        aspace: Arc<AddressSpace>,
+        left: usize,
+        done: Arc<AtomicUsize>,
+        failed: Arc<AtomicUsize>,
+    }
+
+    impl Port for FlushPort {
+        fn submit(&mut self, sq: &mut Submitter) -> usize {
+            let mut n = 0;
+            while self.left > 0 {
+                let r = sq.submit_with(|cid, sqe, _| {
+                    *sqe = Sqe::new(io::FLUSH, cid);
+                    sqe.set_nsid(1);
+                    Ok::<(), ()>(())
+                });
+                if r.is_err() {
+                    break;
+                }
+                self.left -= 1;
+                n += 1;
+            }
+            n
+        }
+        fn complete(&mut self, sq: &mut Submitter) -> usize {
+            let mut n = 0;
+            while let Some(c) = sq.reap() {
+                if !c.status().is_success() {
+                    self.failed.fetch_add(1, Ordering::Relaxed);
+                }
+                n += 1;
+            }
+            sq.release_completions();
+            self.done.fetch_add(n, Ordering::Relaxed);
+            n
+        }
+        fn arm(&mut self) -> bool {
+            false
+        }
+        fn disarm(&mut self) {}
+        fn address_space(&self) -> &Arc<AddressSpace> {
+            &self.aspace
+        }
+    }
+
+    #[test]
+    fn runs_commands_then_sleeps_at_no_cost() {
+        let poller = Poller::spawn(PollerConfig {
+            idle_spin: Duration::from_micros(20),
+            ..Default::default()
+        })
+        .unwrap();
+        let ns = Namespace::new(Arc::new(NullBackend::new(1 << 20, 512)));
+        let done = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let port = FlushPort {
+            aspace: Arc::new(AddressSpace::empty()),
+            left: 10_000,
+            done: done.clone(),
+            failed: failed.clone(),
+        };
+        let stats = Arc::new(IoStats::default());
+        let id = poller
+            .attach(Box::new(port), ns, 64, 64, stats.clone())
+            .unwrap();
+        let t = Instant::now();
+        while done.load(Ordering::Relaxed) < 10_000 {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "commands did not complete"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(failed.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.flushes.load(Ordering::Relaxed), 10_000);
+        // Idle: the poller must go to sleep and stay asleep.
+        std::thread::sleep(Duration::from_millis(50));
+        let (cpu0, sleeps0) = (
+            poller.cpu_time(),
+            poller.stats().sleeps.load(Ordering::Relaxed),
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let cpu = poller.cpu_time() - cpu0;
+        assert!(
+            poller.stats().sleeps.load(Ordering::Relaxed) >= sleeps0,
+            "sleeps counted"
+        );
+        assert!(
+            cpu < Duration::from_millis(50),
+            "an idle poller used {cpu:?} of CPU in 500 ms"
+        );
+        // Detach hands the port back; the poller stays usable.
+        let port = poller.detach(id).unwrap();
+        assert_eq!(port.address_space().regions().len(), 0);
+        assert!(
+            matches!(poller.detach(id), Err(PollerError::Invalid(_))),
+            "a pair detaches once"
+        );
     }
 }

@@ -21,7 +21,9 @@
 # Exit status: 0 only if the guest printed "LEAP-GUEST: PASS", no check failed and QEMU exited
 # cleanly; on failure the tail of the guest log (and QEMU's stderr) is printed.
 # bench: the guest's "GUEST-FIO ..." and "GUEST-STAT ..." lines are copied to stdout.
-# Env: QEMU (default qemu-system-x86_64), LEAP_GUEST_ACCEL (default tcg), LEAP_GUEST_CPU (default max).
+# Env: QEMU (default qemu-system-x86_64), LEAP_GUEST_ACCEL (default tcg), LEAP_GUEST_CPU (default max),
+#      LEAP_GUEST_APPEND (extra kernel arguments; e.g. "loglevel=7" with LEAP_GUEST_QUIET=0 to see
+#      the kernel's messages), LEAP_GUEST_QEMU_ARGS (extra QEMU arguments, split on spaces).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -74,9 +76,20 @@ kernel=$gdir/vmlinuz
 
 run=$(mktemp -d "$gdir/runs/$job.XXXXXX")
 qpid=""
+# stop_qemu: SIGTERM to our `timeout` process (it relays the signal to QEMU), then SIGKILL to
+# QEMU (timeout's child, by PID) and timeout if they are still there after 3 s
+# shellcheck disable=SC2317  # also invoked by the trap
+stop_qemu() {
+  local i c
+  [ -n "$qpid" ] && kill -0 "$qpid" 2>/dev/null || return 0
+  kill -TERM "$qpid" 2>/dev/null || true
+  for ((i = 0; i < 30; i++)); do kill -0 "$qpid" 2>/dev/null || return 0; sleep 0.1; done
+  for c in $(pgrep -P "$qpid" 2>/dev/null); do kill -KILL "$c" 2>/dev/null || true; done
+  kill -KILL "$qpid" 2>/dev/null || true
+}
 # shellcheck disable=SC2317  # invoked by the trap
 cleanup() {
-  if [ -n "$qpid" ] && kill -0 "$qpid" 2>/dev/null; then kill -KILL "$qpid" 2>/dev/null || true; fi
+  stop_qemu
   rm -rf "$run"
 }
 trap cleanup EXIT
@@ -105,6 +118,11 @@ grep -q "\\\$'" "$run/cpio/job/env" && die "an --expect value contains character
 (cd "$run/cpio" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet | gzip -1 -n) > "$run/job.cpio.gz"
 cat "$base" "$run/job.cpio.gz" > "$run/initrd.cpio.gz"
 
+append="console=ttyS0 rdinit=/init panic=-1 edd=off"  # edd: no BIOS disk I/O at boot
+[ "${LEAP_GUEST_QUIET:-1}" = 0 ] || append="$append quiet"
+[ -z "${LEAP_GUEST_APPEND:-}" ] || append="$append $LEAP_GUEST_APPEND"
+read -r -a extra_qemu <<< "${LEAP_GUEST_QEMU_ARGS:-}"
+
 start=$(date +%s.%N)
 set +e
 timeout -k 10 "$timeout_s" "$qemu" \
@@ -113,12 +131,27 @@ timeout -k 10 "$timeout_s" "$qemu" \
   -object "memory-backend-memfd,id=mem,size=$mem,share=on" -m "$mem" -smp "$smp" \
   -nographic -monitor none -nic none -no-reboot \
   -kernel "$kernel" -initrd "$run/initrd.cpio.gz" \
-  -append "console=ttyS0 rdinit=/init quiet panic=-1" \
+  -append "$append" \
   -serial "file:$log" \
   -chardev "socket,id=c0,path=$sock" \
   -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues" \
+  "${extra_qemu[@]}" \
   </dev/null >"$qerr" 2>&1 &
 qpid=$!
+# After the guest's poweroff QEMU stops the vhost-user device (GET_VRING_BASE), which waits for the
+# back end's in-flight requests: a back end that never completes them keeps QEMU alive. Give it
+# LEAP_GUEST_EXIT_GRACE seconds after the END marker, then kill it and say so.
+grace=${LEAP_GUEST_EXIT_GRACE:-15}
+end_seen="" hung_exit=0
+while kill -0 "$qpid" 2>/dev/null; do
+  if [ -z "$end_seen" ] && grep -q 'LEAP-GUEST: END' "$log" 2>/dev/null; then end_seen=$(date +%s); fi
+  if [ -n "$end_seen" ] && [ $(( $(date +%s) - end_seen )) -ge "$grace" ]; then
+    hung_exit=1
+    stop_qemu
+    break
+  fi
+  sleep 0.5
+done
 wait "$qpid"
 qrc=$?
 qpid=""
@@ -128,7 +161,8 @@ elapsed=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
 # drop CRs and the firmware's terminal escape sequences so markers start their lines
 sed 's/\r//g; s/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g' "$log" > "$log.tmp" && mv "$log.tmp" "$log"
 status=ok reason=""
-if [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then status=fail reason="QEMU killed after the ${timeout_s}s timeout"
+if [ "$hung_exit" = 1 ]; then status=fail reason="QEMU did not exit within ${grace}s of the guest's poweroff (back end never finished in-flight I/O / GET_VRING_BASE?)"
+elif [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then status=fail reason="QEMU killed after the ${timeout_s}s timeout"
 elif [ "$qrc" != 0 ]; then status=fail reason="QEMU exited with status $qrc"
 fi
 if grep -q '^LEAP-GUEST: FAIL' "$log"; then
