@@ -493,7 +493,7 @@ mod tests {
             .iter()
             .enumerate()
         {
-            let at = (0xf000 + 8 * k) as usize;
+            let at = 0xf000 + 8 * k;
             f.mem[at..at + 8].copy_from_slice(&page.to_le_bytes());
         }
         let mut r = rw(io::READ, 0, 24);
