@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # THE test command for Leap (README; .ci/run calls it). Steps, failing fast:
 #   1. scripts/install-deps.sh            (only as root; quick when everything is installed)
-#   2. cargo test --workspace --all-targets
+#   2. cargo fmt --all -- --check; cargo clippy --workspace --all-targets -- -D warnings;
+#      cargo test --workspace --all-targets; the loom checks of leap-queues (--cfg loom, own
+#      target dir target/loom)
 #   3. cargo build --release -p leap-soc, then tests/guest/guest-verify.sh --backend leapd
 #      (a real QEMU guest; skipped loudly without QEMU/kernel/fio/busybox unless CI=true or
 #      LEAP_REQUIRE_GUEST=1)
@@ -47,8 +49,13 @@ if [ "$(id -u)" = 0 ]; then
   step deps env LEAP_INSTALL_ARM64="${LEAP_INSTALL_ARM64:-$aarch64}" scripts/install-deps.sh
 fi
 
+step fmt cargo fmt --all -- --check
+step clippy cargo clippy --workspace --all-targets -- -D warnings
 # a hung test must not hang CI: LEAP_CARGO_TEST_TIMEOUT seconds (default 1800) for build + tests
 step cargo-test timeout -k 30 "${LEAP_CARGO_TEST_TIMEOUT:-1800}" cargo test --workspace --all-targets
+
+step loom env RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
+  timeout -k 30 "${LEAP_CARGO_TEST_TIMEOUT:-1800}" cargo test -p leap-queues --lib --release -- loom
 
 if [ "${LEAP_SKIP_GUEST:-0}" = 1 ]; then
   if [ "${CI:-}" = true ]; then current=guest; echo "LEAP_SKIP_GUEST=1 is not allowed with CI=true" >&2; exit 1; fi

@@ -7,6 +7,7 @@
 
 pub mod addr;
 pub mod backend;
+mod eventfd;
 pub mod exec;
 pub mod poller;
 pub mod ratelimit;

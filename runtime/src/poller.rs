@@ -12,7 +12,7 @@ use crate::backend::BackendQueue;
 use crate::exec::{self, Kind, Namespace, Scratch, Started};
 use crate::stats::{self, IoStats};
 use leap_queues::{queue_pair, Processor, Status, Submitter};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -84,11 +84,7 @@ pub struct Waker(Arc<OwnedFd>);
 impl Waker {
     /// Wakes the poller if it sleeps; otherwise it costs one write to an eventfd.
     pub fn wake(&self) {
-        let one = 1u64;
-        // SAFETY: writes 8 bytes from a local to an eventfd we own.
-        unsafe {
-            libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8);
-        }
+        crate::eventfd::signal(self.0.as_raw_fd());
     }
 }
 
@@ -153,13 +149,9 @@ struct Pair {
 impl Poller {
     /// Starts a poller thread.
     pub fn spawn(cfg: PollerConfig) -> Result<Poller, PollerError> {
-        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(PollerError::Os("eventfd", std::io::Error::last_os_error()));
-        }
-        // SAFETY: efd is a fresh descriptor we own.
-        let wake = Waker(Arc::new(unsafe { OwnedFd::from_raw_fd(efd) }));
+        let wake = Waker(Arc::new(
+            crate::eventfd::new().map_err(|e| PollerError::Os("eventfd", e))?,
+        ));
         let shared = Arc::new(Shared {
             ctl: Mutex::new(Vec::new()),
             ctl_pending: AtomicBool::new(false),
@@ -382,10 +374,10 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
         }
         // Going to sleep: consume pending wake-ups first, then re-arm every source and re-check,
         // so a wake-up that arrives after the check is not lost (it makes an fd readable).
-        drain_eventfd(wake_fd);
+        crate::eventfd::drain(wake_fd);
         let mut raced = false;
         for p in pairs.iter_mut() {
-            p.bq.clear_wake();
+            raced |= p.bq.clear_wake();
             raced |= p.port.arm();
         }
         if raced
@@ -422,14 +414,6 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
             p.port.disarm();
         }
         idle_rounds = 0;
-    }
-}
-
-fn drain_eventfd(fd: RawFd) {
-    let mut v = 0u64;
-    // SAFETY: reads 8 bytes into a local from a non-blocking eventfd we own.
-    unsafe {
-        libc::read(fd, (&mut v as *mut u64).cast(), 8);
     }
 }
 

@@ -152,8 +152,10 @@ impl BlkDevice {
             physical_block_exp: 0,
             writeback: self.shared.writeback.load(Ordering::Relaxed) as u8,
             num_queues: c.num_queues,
-            // Whole blocks, and at most what one Dataset Management range can hold.
-            max_discard_sectors: (u32::MAX / block_sectors * block_sectors).min(1 << 30),
+            // Whole blocks, no more than the disk, and at most 2^30 sectors (one Dataset
+            // Management range holds 2^32 - 1 blocks).
+            max_discard_sectors: (s.sectors.min(1 << 30) as u32 / block_sectors * block_sectors)
+                .max(block_sectors),
             max_discard_seg: s.max_discard_seg,
             discard_sector_alignment: block_sectors,
             // One NVMe Write Zeroes command covers at most 65536 blocks.

@@ -16,7 +16,7 @@ use super::{
 use io_uring::{opcode, types, IoUring};
 use leap_queues::Status;
 use std::fs::OpenOptions;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -457,14 +457,8 @@ impl UringQueue {
         let ring = IoUring::builder()
             .setup_cqsize(entries * 2)
             .build(entries)?;
-        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: efd is a fresh descriptor we own.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
-        ring.submitter().register_eventfd(efd)?;
+        let eventfd = crate::eventfd::new()?;
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(UringQueue {
             disk,
             ring,
@@ -620,12 +614,12 @@ impl BackendQueue for UringQueue {
         Some(self.eventfd.as_raw_fd())
     }
 
-    fn clear_wake(&mut self) {
-        let mut v = 0u64;
-        // SAFETY: reads 8 bytes into a local u64 from our own non-blocking eventfd.
-        unsafe {
-            libc::read(self.eventfd.as_raw_fd(), (&mut v as *mut u64).cast(), 8);
-        }
+    fn clear_wake(&mut self) -> bool {
+        crate::eventfd::drain(self.eventfd.as_raw_fd());
+        // A completion posted before the drain has had its wake-up consumed: look at the ring.
+        let mut cq = self.ring.completion();
+        cq.sync();
+        !cq.is_empty()
     }
 }
 
@@ -670,13 +664,7 @@ impl PoolQueue {
             path: disk.path.display().to_string(),
             source: e,
         };
-        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(err(std::io::Error::last_os_error()));
-        }
-        // SAFETY: efd is a fresh descriptor we own.
-        let eventfd = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
+        let eventfd = Arc::new(crate::eventfd::new().map_err(err)?);
         let (tx, rx) = mpsc::sync_channel::<Job>(n);
         let rx = Arc::new(Mutex::new(rx));
         let done = Arc::new(crossbeam_queue::ArrayQueue::new(n));
@@ -697,11 +685,7 @@ impl PoolQueue {
                     let mut s = job.slot_state;
                     let res = run_blocking(&disk, &mut s, job.iov);
                     let _ = done.push((job.slot, res, s));
-                    let one = 1u64;
-                    // SAFETY: writes 8 bytes from a local to our eventfd.
-                    unsafe {
-                        libc::write(eventfd.as_raw_fd(), (&one as *const u64).cast(), 8);
-                    }
+                    crate::eventfd::signal(eventfd.as_raw_fd());
                 })
                 .map_err(err)?;
             workers.push(h);
@@ -791,12 +775,9 @@ impl BackendQueue for PoolQueue {
     fn wake_fd(&self) -> Option<RawFd> {
         Some(self.eventfd.as_raw_fd())
     }
-    fn clear_wake(&mut self) {
-        let mut v = 0u64;
-        // SAFETY: reads 8 bytes into a local u64 from our own non-blocking eventfd.
-        unsafe {
-            libc::read(self.eventfd.as_raw_fd(), (&mut v as *mut u64).cast(), 8);
-        }
+    fn clear_wake(&mut self) -> bool {
+        crate::eventfd::drain(self.eventfd.as_raw_fd());
+        !self.done.is_empty()
     }
 }
 
@@ -866,7 +847,15 @@ mod tests {
     fn io_uring_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let disk = open(dir.path(), false);
-        assert!(disk.uses_io_uring(), "io_uring is expected on this machine");
+        if !disk.uses_io_uring() {
+            // qemu-user (the aarch64 test runner) does not emulate io_uring; a real kernel must
+            // have it, so CI on the build machine insists.
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true") || !cfg!(target_arch = "x86_64"),
+                "io_uring is unavailable, so this exercised the thread-pool fallback instead"
+            );
+            eprintln!("### io_uring unavailable here: exercising the thread-pool fallback ###");
+        }
         exercise(disk);
     }
 

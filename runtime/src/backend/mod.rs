@@ -143,8 +143,12 @@ pub trait BackendQueue: Send {
     /// A file descriptor that becomes readable when completions arrive, for the poller to sleep
     /// on; `None` for back ends that finish everything inside `submit`.
     fn wake_fd(&self) -> Option<RawFd>;
-    /// Consumes pending wake-ups on `wake_fd` before the poller re-checks for work and sleeps.
-    fn clear_wake(&mut self) {}
+    /// Consumes pending wake-ups on `wake_fd` before the poller sleeps, and says whether
+    /// completions are already waiting (reaped after the last `poll`, so their wake-up may just
+    /// have been consumed): then the poller must not sleep.
+    fn clear_wake(&mut self) -> bool {
+        false
+    }
 }
 
 /// Maps an OS error number from a failed operation to an NVMe status.
