@@ -3,8 +3,8 @@
 //! Each round it asks every front end ([`Port`]) for new commands, executes them against the
 //! namespace's back end, reaps back-end completions into completion entries, and lets the front end
 //! complete them to the guest (notifications batched per round). While work flows it busy-polls;
-//! after `idle_spin` with nothing to do it re-arms every notification source and sleeps on their
-//! eventfds, so an idle disk costs no CPU. Per-command state lives in tables sized at attach time
+//! with nothing to do it spins for an adaptive window (see [`IdleSpin`]), then re-arms every
+//! notification source and sleeps on their eventfds, so an idle disk costs no CPU. Per-command state lives in tables sized at attach time
 //! and indexed by command id: nothing is allocated or locked per I/O.
 
 use crate::addr::AddressSpace;
@@ -33,6 +33,13 @@ pub trait Port: Send {
     fn disarm(&mut self);
     /// The memory the port's data pointers refer to.
     fn address_space(&self) -> &Arc<AddressSpace>;
+    /// A descriptor that becomes readable when the front end has new work (a virtqueue's kick
+    /// eventfd), for the poller to sleep on directly. Someone else may consume its events first,
+    /// so a front end with one must also wake the poller through its [`Waker`]; this only saves
+    /// the extra hop when it can.
+    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 /// How a poller behaves.
@@ -40,7 +47,8 @@ pub trait Port: Send {
 pub struct PollerConfig {
     /// Thread name.
     pub name: String,
-    /// How long to keep polling with nothing to do before sleeping.
+    /// The longest the poller keeps polling with nothing to do before it sleeps. The window
+    /// adapts below this bound to how soon work actually returns ([`IdleSpin`]).
     pub idle_spin: Duration,
     /// Pin the thread to this CPU.
     pub cpu: Option<usize>,
@@ -277,6 +285,45 @@ impl Drop for Poller {
     }
 }
 
+/// The adaptive idle window. Spinning on an idle queue pays off only when work returns within
+/// the window; otherwise it is CPU taken from everything else on the host, the guest's vCPUs
+/// included. So the window doubles (up to `max`) whenever spinning caught work or a sleep turned
+/// out shorter than `max`, and halves (down to zero: sleep at once) whenever a sleep lasted
+/// longer than `max`. A busy disk keeps the full window; sparse requests stop paying for it.
+#[derive(Clone, Copy, Debug)]
+pub struct IdleSpin {
+    max: Duration,
+    cur: Duration,
+}
+
+impl IdleSpin {
+    const STEP: Duration = Duration::from_micros(1);
+
+    /// A window starting at, and bounded by, `max`.
+    pub fn new(max: Duration) -> Self {
+        IdleSpin { max, cur: max }
+    }
+    /// How long to spin now.
+    pub fn window(&self) -> Duration {
+        self.cur
+    }
+    /// Spinning found work.
+    pub fn caught(&mut self) {
+        self.cur = (self.cur * 2 + Self::STEP).min(self.max);
+    }
+    /// The poller slept for `gap` before work (or a timeout) woke it.
+    pub fn slept(&mut self, gap: Duration) {
+        if gap < self.max {
+            self.caught();
+        } else {
+            self.cur /= 2;
+            if self.cur < Self::STEP {
+                self.cur = Duration::ZERO;
+            }
+        }
+    }
+}
+
 fn pin(cpu: usize) {
     // SAFETY: cpu_set_t is plain data; CPU_SET indexes within it (checked by the bound below);
     // sched_setaffinity(0) affects only the calling thread.
@@ -306,6 +353,7 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
     // then every 64 rounds, not every round (clock reads are not free on every platform).
     let mut idle_rounds = 0u32;
     let mut idle_since = Instant::now();
+    let mut spin = IdleSpin::new(cfg.idle_spin);
     let wake_fd = shared.wake.0.as_raw_fd();
     loop {
         // Control requests are rare: one atomic swap per round, the lock only when one waits.
@@ -361,6 +409,9 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
         }
         shared.stats.rounds.fetch_add(1, Ordering::Relaxed);
         if work > 0 {
+            if idle_rounds > 0 {
+                spin.caught();
+            }
             idle_rounds = 0;
             continue;
         }
@@ -368,7 +419,8 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
         if idle_rounds == 1 {
             idle_since = Instant::now();
         }
-        if idle_rounds % 64 != 0 || idle_since.elapsed() < cfg.idle_spin {
+        let window = spin.window();
+        if !window.is_zero() && (idle_rounds % 64 != 0 || idle_since.elapsed() < window) {
             std::hint::spin_loop();
             continue;
         }
@@ -397,7 +449,7 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
             revents: 0,
         });
         for p in pairs.iter() {
-            if let Some(fd) = p.bq.wake_fd() {
+            for fd in [p.bq.wake_fd(), p.port.wake_fd()].into_iter().flatten() {
                 pollfds.push(libc::pollfd {
                     fd,
                     events: libc::POLLIN,
@@ -406,10 +458,12 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
             }
         }
         shared.stats.sleeps.fetch_add(1, Ordering::Relaxed);
+        let slept_at = Instant::now();
         // SAFETY: `pollfds` is a valid array of pollfd of the given length.
         unsafe {
             libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, 1000);
         }
+        spin.slept(slept_at.elapsed());
         for p in pairs.iter_mut() {
             p.port.disarm();
         }
@@ -596,6 +650,24 @@ mod tests {
         fn address_space(&self) -> &Arc<AddressSpace> {
             &self.aspace
         }
+    }
+
+    #[test]
+    fn idle_spin_shrinks_for_sparse_work_and_recovers_for_dense() {
+        let max = Duration::from_micros(50);
+        let mut s = IdleSpin::new(max);
+        for _ in 0..10 {
+            s.slept(Duration::from_micros(300));
+        }
+        assert_eq!(s.window(), Duration::ZERO, "sparse requests: sleep at once");
+        for _ in 0..10 {
+            s.slept(Duration::from_micros(5));
+        }
+        assert_eq!(s.window(), max, "dense requests: spin the full window");
+        s.slept(Duration::from_secs(1));
+        assert_eq!(s.window(), max / 2);
+        s.caught();
+        assert_eq!(s.window(), max);
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! `leapd bench`: the data path measured in-process. A vhost-user driver thread (the guest side)
-//! keeps `iodepth` 4 KiB random reads in flight on one virtqueue; leapd serves it with one poller
+//! keeps `iodepth` 4 KiB random reads (or writes) in flight on one virtqueue; leapd serves it with one poller
 //! over the chosen back end. Prints IOPS, mean and p99 latency, and poller CPU time per I/O.
 
 use crate::diskspec::{DiskKind, DiskSpec};
 use leap_runtime::{IoStats, Namespace};
-use leap_vhost::driver::{blk_status, submit_blk, Desc, Driver, DriverOptions};
+use leap_vhost::driver::{
+    blk_status, submit_blk, Desc, Driver, DriverOptions, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
 use leap_vhost::{DeviceConfig, DeviceContext, Server, VhostStats};
 use std::io::Write;
 use std::sync::atomic::AtomicBool;
@@ -23,7 +25,10 @@ pub struct BenchArgs {
     /// Seconds per case.
     #[arg(long, value_name = "S", default_value_t = 3.0)]
     seconds: f64,
-    /// Block size of each read, in bytes.
+    /// Random reads or random writes.
+    #[arg(long, value_name = "randread|randwrite", default_value = "randread", value_parser = ["randread", "randwrite"])]
+    rw: String,
+    /// Block size of each request, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 4096)]
     bs: u32,
     /// Size of null/ram disks (and of a file back end created for the run).
@@ -161,6 +166,7 @@ fn run_case(backend_name: &str, qd: u16, a: &BenchArgs) -> Result<Row, String> {
     let mut hist = Histogram::new();
     // One clock read per batch: every request submitted in a batch shares its start time, and
     // every completion reaped in a batch its end time (clock reads cost ~100 ns on some VMs).
+    let write = a.rw == "randwrite";
     let submit = |q: &mut leap_vhost::driver::DriverQueue,
                   buf: usize,
                   now: Instant,
@@ -168,8 +174,22 @@ fn run_case(backend_name: &str, qd: u16, a: &BenchArgs) -> Result<Row, String> {
                   buf_of: &mut [usize],
                   sector: u64|
      -> Result<(), String> {
-        let head = submit_blk(q, 0, sector, &[Desc::writable(bufs[buf], a.bs)])
-            .map_err(|e| format!("submit: {e}"))?;
+        let data = if write {
+            Desc::readable(bufs[buf], a.bs)
+        } else {
+            Desc::writable(bufs[buf], a.bs)
+        };
+        let head = submit_blk(
+            q,
+            if write {
+                VIRTIO_BLK_T_OUT
+            } else {
+                VIRTIO_BLK_T_IN
+            },
+            sector,
+            &[data],
+        )
+        .map_err(|e| format!("submit: {e}"))?;
         started[head as usize] = now;
         buf_of[head as usize] = buf;
         Ok(())
@@ -282,16 +302,16 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
         a.iodepth.clone()
     };
     eprintln!(
-        "leapd bench: {} B random reads, 1 poller, {} s per case",
-        a.bs, a.seconds
+        "leapd bench: {} B {}, 1 poller, {} s per case",
+        a.bs, a.rw, a.seconds
     );
     let mut rows = Vec::new();
     for b in &backends {
         for &qd in &qds {
             let r = run_case(b, qd, &a)?;
             println!(
-                "bench backend={} qd={} iops={:.0} mean_us={:.2} p99_us={:.2} cpu_ns_per_io={:.0}",
-                r.backend, r.qd, r.iops, r.mean_us, r.p99_us, r.cpu_ns_per_io
+                "bench backend={} qd={} iops={:.0} mean_us={:.2} p99_us={:.2} cpu_ns_per_io={:.0} rw={}",
+                r.backend, r.qd, r.iops, r.mean_us, r.p99_us, r.cpu_ns_per_io, a.rw
             );
             rows.push(r);
         }

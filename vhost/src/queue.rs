@@ -12,6 +12,7 @@ use crate::stats::Malformed;
 use leap_queues::nvme::{io, sgl_subtype, sgl_type, DsmRange, DSM_ATTR_DEALLOCATE};
 use leap_queues::{SglDescriptor, Sqe, Status, SubmitError, Submitter};
 use leap_runtime::{log_limited, AddressSpace, Port};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use vhost_user_backend::{VringRwLock, VringStateMutGuard, VringT};
@@ -250,6 +251,12 @@ impl Port for BlkQueue {
 
     fn address_space(&self) -> &Arc<AddressSpace> {
         &self.aspace
+    }
+
+    fn wake_fd(&self) -> Option<RawFd> {
+        // The kick eventfd: the vhost-user worker thread also waits on it (and consumes it, then
+        // wakes us through the Waker), but when we see it first we skip that hop.
+        self.vring.get_ref().get_kick().as_ref().map(|k| k.as_raw_fd())
     }
 }
 
