@@ -61,20 +61,29 @@ pub(crate) struct Shared {
     /// Write-back (true) or write-through (false) cache, as the guest last set it.
     pub writeback: AtomicBool,
     pub stats: Arc<VhostStats>,
-    aspace: Mutex<Arc<AddressSpace>>,
-    /// Bumped (Release) after `aspace` changes; queues check it (Acquire) once per round.
-    pub aspace_gen: AtomicU64,
+    memory: Mutex<Memory>,
+    /// Bumped (Release) after `memory` changes; queues check it (Acquire) once per round and
+    /// take a new snapshot only then, so the data path never touches the lock.
+    pub memory_gen: AtomicU64,
+}
+
+/// The guest memory as of one memory table: the mapping and its address space.
+#[derive(Clone)]
+pub(crate) struct Memory {
+    pub mem: Arc<GuestMemoryMmap>,
+    pub aspace: Arc<AddressSpace>,
 }
 
 impl Shared {
-    pub fn address_space(&self) -> (Arc<AddressSpace>, u64) {
-        let g = self.aspace_gen.load(Ordering::Acquire);
-        let a = self
-            .aspace
+    /// The current memory and its generation.
+    pub fn memory(&self) -> (Memory, u64) {
+        let g = self.memory_gen.load(Ordering::Acquire);
+        let m = self
+            .memory
             .lock()
-            .map(|a| a.clone())
+            .map(|m| m.clone())
             .unwrap_or_else(|p| p.into_inner().clone());
-        (a, g)
+        (m, g)
     }
 }
 
@@ -99,18 +108,14 @@ pub struct DeviceContext {
 pub struct BlkDevice {
     ctx: DeviceContext,
     shared: Arc<Shared>,
-    mem: GuestMemoryAtomic<GuestMemoryMmap>,
     pairs: Mutex<Vec<Option<(usize, PairId)>>>,
     event_idx: AtomicBool,
     exit: Vec<(Mutex<Option<EventConsumer>>, EventNotifier)>,
 }
 
 impl BlkDevice {
-    /// A device for one connection; `mem` must be the same object given to the daemon.
-    pub fn new(
-        ctx: DeviceContext,
-        mem: GuestMemoryAtomic<GuestMemoryMmap>,
-    ) -> std::io::Result<Arc<Self>> {
+    /// A device for one connection. Guest memory arrives through `update_memory`.
+    pub fn new(ctx: DeviceContext) -> std::io::Result<Arc<Self>> {
         let info = ctx.ns.info();
         let shared = Arc::new(Shared {
             shape: DiskShape {
@@ -122,8 +127,11 @@ impl BlkDevice {
             },
             writeback: AtomicBool::new(ctx.writeback.load(Ordering::Relaxed)),
             stats: ctx.stats.clone(),
-            aspace: Mutex::new(Arc::new(AddressSpace::empty())),
-            aspace_gen: AtomicU64::new(0),
+            memory: Mutex::new(Memory {
+                mem: Arc::new(GuestMemoryMmap::new()),
+                aspace: Arc::new(AddressSpace::empty()),
+            }),
+            memory_gen: AtomicU64::new(0),
         });
         // One worker thread (see `queues_per_thread`), one exit event.
         let (c, n) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
@@ -132,7 +140,6 @@ impl BlkDevice {
         Ok(Arc::new(BlkDevice {
             ctx,
             shared,
-            mem,
             pairs: Mutex::new(vec![None; n]),
             event_idx: AtomicBool::new(false),
             exit,
@@ -178,13 +185,7 @@ impl BlkDevice {
             return;
         }
         let depth = vring.get_ref().get_queue().size();
-        let port = BlkQueue::new(
-            q as u16,
-            vring.clone(),
-            self.mem.clone(),
-            self.shared.clone(),
-            depth,
-        );
+        let port = BlkQueue::new(q as u16, vring.clone(), self.shared.clone(), depth);
         let pi = q % self.ctx.pollers.len();
         match self.ctx.pollers[pi].attach(
             Box::new(port),
@@ -317,13 +318,17 @@ impl VhostUserBackend for BlkDevice {
                 device: start.0,
             });
         }
-        let keep: Arc<dyn std::any::Any + Send + Sync> = guard.into_inner();
+        let mem = guard.into_inner();
+        let keep: Arc<dyn std::any::Any + Send + Sync> = mem.clone();
         let aspace = AddressSpace::new(regions, Some(keep))
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-        if let Ok(mut a) = self.shared.aspace.lock() {
-            *a = Arc::new(aspace);
+        if let Ok(mut m) = self.shared.memory.lock() {
+            *m = Memory {
+                mem,
+                aspace: Arc::new(aspace),
+            };
         }
-        self.shared.aspace_gen.fetch_add(1, Ordering::Release);
+        self.shared.memory_gen.fetch_add(1, Ordering::Release);
         Ok(())
     }
 

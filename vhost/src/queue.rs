@@ -7,7 +7,7 @@
 //! nothing a guest writes can panic the poller or touch memory outside the guest's.
 
 use crate::config::{req_type, status, ID_BYTES};
-use crate::device::{DiskShape, Shared};
+use crate::device::{DiskShape, Memory, Shared};
 use crate::stats::Malformed;
 use leap_queues::nvme::{io, sgl_subtype, sgl_type, DsmRange, DSM_ATTR_DEALLOCATE};
 use leap_queues::{SglDescriptor, Sqe, Status, SubmitError, Submitter};
@@ -18,7 +18,7 @@ use std::sync::Arc;
 use vhost_user_backend::{VringRwLock, VringStateMutGuard, VringT};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 /// The most descriptors one request may have (header, data, status; indirect tables included).
 pub const MAX_CHAIN: usize = 1024;
@@ -42,10 +42,10 @@ struct Seg {
 pub struct BlkQueue {
     index: u16,
     vring: VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>,
-    mem: GuestMemoryAtomic<GuestMemoryMmap>,
     shared: Arc<Shared>,
-    aspace: Arc<AddressSpace>,
-    aspace_gen: u64,
+    /// Snapshot of the guest memory, refreshed when its generation changes.
+    memory: Memory,
+    memory_gen: u64,
     pending: Vec<Pending>,
     /// Chains finished without reaching the queue pair (errors, GET_ID): (head, used length).
     immediate: Vec<(u16, u32)>,
@@ -58,18 +58,16 @@ impl BlkQueue {
     pub(crate) fn new(
         index: u16,
         vring: VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>,
-        mem: GuestMemoryAtomic<GuestMemoryMmap>,
         shared: Arc<Shared>,
         depth: u16,
     ) -> Self {
-        let (aspace, aspace_gen) = shared.address_space();
+        let (memory, memory_gen) = shared.memory();
         BlkQueue {
             index,
             vring,
-            mem,
             shared,
-            aspace,
-            aspace_gen,
+            memory,
+            memory_gen,
             pending: vec![Pending::default(); depth as usize],
             immediate: Vec::with_capacity(depth as usize),
             readable: Vec::with_capacity(MAX_CHAIN),
@@ -78,12 +76,9 @@ impl BlkQueue {
         }
     }
 
-    fn refresh_address_space(&mut self) {
-        let g = self.shared.aspace_gen.load(Ordering::Acquire);
-        if g != self.aspace_gen {
-            let (a, g) = self.shared.address_space();
-            self.aspace = a;
-            self.aspace_gen = g;
+    fn refresh_memory(&mut self) {
+        if self.shared.memory_gen.load(Ordering::Acquire) != self.memory_gen {
+            (self.memory, self.memory_gen) = self.shared.memory();
         }
     }
 }
@@ -94,8 +89,9 @@ struct Reject(u8, Malformed);
 
 impl Port for BlkQueue {
     fn submit(&mut self, sq: &mut Submitter) -> usize {
-        self.refresh_address_space();
-        let mem = self.mem.memory();
+        self.refresh_memory();
+        // Our own handles (Arc clones) so nothing below borrows `self`.
+        let mem = self.memory.mem.clone();
         // A handle of our own (an Arc clone) so the guard does not borrow `self`.
         let vring_handle = self.vring.clone();
         let mut vring = vring_handle.get_mut();
@@ -191,10 +187,15 @@ impl Port for BlkQueue {
     }
 
     fn complete(&mut self, sq: &mut Submitter) -> usize {
+        // Nothing to reap (most spin rounds): no lock.
+        let Some(first) = sq.reap() else {
+            return 0;
+        };
         let mut n = 0;
-        let mem = self.mem.memory();
+        let mem = &*self.memory.mem;
         let mut vring = self.vring.get_mut();
-        while let Some(cqe) = sq.reap() {
+        let mut next = Some(first);
+        while let Some(cqe) = next.take().or_else(|| sq.reap()) {
             let Some(p) = self.pending.get(cqe.cid() as usize).copied() else {
                 continue;
             };
@@ -218,14 +219,14 @@ impl Port for BlkQueue {
         }
         sq.release_completions();
         if n > 0 {
-            notify(&mut vring, &mem, self.index);
+            notify(&mut vring, mem, self.index);
         }
         n
     }
 
     fn arm(&mut self) -> bool {
         self.armed = true;
-        let mem = self.mem.memory();
+        let mem = &*self.memory.mem;
         let mut vring = self.vring.get_mut();
         let q = vring.get_queue_mut();
         if !q.ready() {
@@ -233,7 +234,7 @@ impl Port for BlkQueue {
         }
         // enable_notification publishes avail_event (or clears NO_NOTIFY), fences, and re-reads
         // avail idx: true means the guest added work we must not sleep through.
-        q.enable_notification(&*mem).unwrap_or(false)
+        q.enable_notification(mem).unwrap_or(false)
     }
 
     fn disarm(&mut self) {
@@ -241,22 +242,26 @@ impl Port for BlkQueue {
             return;
         }
         self.armed = false;
-        let mem = self.mem.memory();
+        let mem = &*self.memory.mem;
         let mut vring = self.vring.get_mut();
         let q = vring.get_queue_mut();
         if q.ready() {
-            let _ = q.disable_notification(&*mem);
+            let _ = q.disable_notification(mem);
         }
     }
 
     fn address_space(&self) -> &Arc<AddressSpace> {
-        &self.aspace
+        &self.memory.aspace
     }
 
     fn wake_fd(&self) -> Option<RawFd> {
         // The kick eventfd: the vhost-user worker thread also waits on it (and consumes it, then
         // wakes us through the Waker), but when we see it first we skip that hop.
-        self.vring.get_ref().get_kick().as_ref().map(|k| k.as_raw_fd())
+        self.vring
+            .get_ref()
+            .get_kick()
+            .as_ref()
+            .map(|k| k.as_raw_fd())
     }
 }
 

@@ -126,8 +126,8 @@ impl Server {
     /// Serves one connection to its end.
     fn serve_one(&mut self) -> Result<(), ServeError> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let dev = BlkDevice::new(self.ctx.clone(), mem.clone())
-            .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        let dev =
+            BlkDevice::new(self.ctx.clone()).map_err(|e| ServeError::Daemon(e.to_string()))?;
         let mut daemon = VhostUserDaemon::new("leap-vhost".into(), dev.clone(), mem)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
         if let Err(e) = daemon.start(&mut self.listener) {
