@@ -87,12 +87,23 @@ pub enum PollerError {
 
 /// Wakes a sleeping poller (from a kick forwarder, say). Cheap to clone.
 #[derive(Clone)]
-pub struct Waker(Arc<OwnedFd>);
+pub struct Waker(Arc<WakeState>);
+
+struct WakeState {
+    fd: OwnedFd,
+    /// Set (SeqCst) by the poller before its last look for work ahead of sleeping, cleared when
+    /// it wakes. A waker publishes its work first, then reads this (SeqCst): either it sees
+    /// `true` and signals, or the poller's last look sees the work. So a busy poller costs
+    /// wakers nothing but one load.
+    sleeping: AtomicBool,
+}
 
 impl Waker {
-    /// Wakes the poller if it sleeps; otherwise it costs one write to an eventfd.
+    /// Wakes the poller if it sleeps (or is about to). Call after making the work visible.
     pub fn wake(&self) {
-        crate::eventfd::signal(self.0.as_raw_fd());
+        if self.0.sleeping.load(Ordering::SeqCst) {
+            crate::eventfd::signal(self.0.fd.as_raw_fd());
+        }
     }
 }
 
@@ -157,9 +168,10 @@ struct Pair {
 impl Poller {
     /// Starts a poller thread.
     pub fn spawn(cfg: PollerConfig) -> Result<Poller, PollerError> {
-        let wake = Waker(Arc::new(
-            crate::eventfd::new().map_err(|e| PollerError::Os("eventfd", e))?,
-        ));
+        let wake = Waker(Arc::new(WakeState {
+            fd: crate::eventfd::new().map_err(|e| PollerError::Os("eventfd", e))?,
+            sleeping: AtomicBool::new(false),
+        }));
         let shared = Arc::new(Shared {
             ctl: Mutex::new(Vec::new()),
             ctl_pending: AtomicBool::new(false),
@@ -269,7 +281,7 @@ impl Poller {
             .lock()
             .map_err(|_| PollerError::Stopped)?
             .push(c);
-        self.shared.ctl_pending.store(true, Ordering::Release);
+        self.shared.ctl_pending.store(true, Ordering::SeqCst);
         self.shared.wake.wake();
         Ok(())
     }
@@ -277,7 +289,7 @@ impl Poller {
 
 impl Drop for Poller {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
+        self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.wake.wake();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -354,7 +366,8 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
     let mut idle_rounds = 0u32;
     let mut idle_since = Instant::now();
     let mut spin = IdleSpin::new(cfg.idle_spin);
-    let wake_fd = shared.wake.0.as_raw_fd();
+    let wake_fd = shared.wake.0.fd.as_raw_fd();
+    let sleeping = &shared.wake.0.sleeping;
     loop {
         // Control requests are rare: one atomic swap per round, the lock only when one waits.
         if shared.ctl_pending.load(Ordering::Relaxed)
@@ -424,18 +437,19 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
             std::hint::spin_loop();
             continue;
         }
-        // Going to sleep: consume pending wake-ups first, then re-arm every source and re-check,
-        // so a wake-up that arrives after the check is not lost (it makes an fd readable).
+        // Going to sleep: announce it (wakers signal from now on), consume pending wake-ups,
+        // then re-arm every source and re-check, so work published before the announcement is
+        // seen here and a wake-up after it makes an fd readable.
+        sleeping.store(true, Ordering::SeqCst);
         crate::eventfd::drain(wake_fd);
         let mut raced = false;
         for p in pairs.iter_mut() {
             raced |= p.bq.clear_wake();
             raced |= p.port.arm();
         }
-        if raced
-            || shared.ctl_pending.load(Ordering::Acquire)
-            || shared.stop.load(Ordering::Acquire)
+        if raced || shared.ctl_pending.load(Ordering::SeqCst) || shared.stop.load(Ordering::SeqCst)
         {
+            sleeping.store(false, Ordering::Relaxed);
             for p in pairs.iter_mut() {
                 p.port.disarm();
             }
@@ -463,6 +477,7 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
         unsafe {
             libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, 1000);
         }
+        sleeping.store(false, Ordering::Relaxed);
         spin.slept(slept_at.elapsed());
         for p in pairs.iter_mut() {
             p.port.disarm();
