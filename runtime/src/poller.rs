@@ -58,7 +58,7 @@ impl Default for PollerConfig {
     fn default() -> Self {
         PollerConfig {
             name: "leap-poller".into(),
-            idle_spin: Duration::from_micros(50),
+            idle_spin: Duration::from_micros(100),
             cpu: None,
         }
     }

@@ -35,7 +35,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = crate::diskspec::parse_size)]
     size: u64,
     /// Microseconds the poller spins idle before sleeping.
-    #[arg(long, value_name = "US", default_value_t = 50)]
+    #[arg(long, value_name = "US", default_value_t = 100)]
     idle_spin_us: u64,
 }
 

@@ -52,8 +52,10 @@ struct ServeArgs {
     /// Number of poller threads (default: one per queue, at most one per CPU).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pollers: Option<u16>,
-    /// Microseconds a poller keeps polling an idle disk before it sleeps.
-    #[arg(long, value_name = "US", default_value_t = 50)]
+    /// Longest time (µs) a poller keeps polling an idle disk before it sleeps; the actual window
+    /// adapts below it (shrinks to zero when requests are sparse). Lower it on hosts where CPU is
+    /// scarce, raise it for lower latency.
+    #[arg(long, value_name = "US", default_value_t = 100)]
     idle_spin_us: u64,
     /// Pin each poller to its own CPU.
     #[arg(long)]
