@@ -126,6 +126,7 @@ pub trait Backend: Send + Sync {
 }
 
 /// One poller's queue on a [`Backend`]. Not shared: all calls come from the owning poller thread.
+/// The provided methods fit back ends that finish every request inside `submit` (null, ram).
 pub trait BackendQueue: Send {
     /// Starts `req`.
     ///
@@ -135,14 +136,20 @@ pub trait BackendQueue: Send {
     /// [`BackendQueue::poll`] or `Done` is returned here. The iovec array itself is copied.
     unsafe fn submit(&mut self, req: &IoRequest<'_>) -> Submitted;
     /// Hands queued requests to the kernel: one call per poll round batches them.
-    fn flush(&mut self);
+    fn flush(&mut self) {}
     /// Calls `done(tag, status)` for each finished request; returns how many.
-    fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize;
+    fn poll(&mut self, _done: &mut dyn FnMut(u64, Status)) -> usize {
+        0
+    }
     /// Requests in flight.
-    fn in_flight(&self) -> usize;
+    fn in_flight(&self) -> usize {
+        0
+    }
     /// A file descriptor that becomes readable when completions arrive, for the poller to sleep
     /// on; `None` for back ends that finish everything inside `submit`.
-    fn wake_fd(&self) -> Option<RawFd>;
+    fn wake_fd(&self) -> Option<RawFd> {
+        None
+    }
     /// Consumes pending wake-ups on `wake_fd` before the poller sleeps, and says whether
     /// completions are already waiting (reaped after the last `poll`, so their wake-up may just
     /// have been consumed): then the poller must not sleep.

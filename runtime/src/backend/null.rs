@@ -3,7 +3,6 @@
 
 use super::{Backend, BackendError, BackendQueue, DiskInfo, IoRequest, Submitted};
 use leap_queues::Status;
-use std::os::fd::RawFd;
 
 /// A disk that completes everything immediately and reads back garbage (whatever the buffer held).
 pub struct NullBackend {
@@ -44,15 +43,5 @@ struct NullQueue;
 impl BackendQueue for NullQueue {
     unsafe fn submit(&mut self, _req: &IoRequest<'_>) -> Submitted {
         Submitted::Done(Status::SUCCESS)
-    }
-    fn flush(&mut self) {}
-    fn poll(&mut self, _done: &mut dyn FnMut(u64, Status)) -> usize {
-        0
-    }
-    fn in_flight(&self) -> usize {
-        0
-    }
-    fn wake_fd(&self) -> Option<RawFd> {
-        None
     }
 }

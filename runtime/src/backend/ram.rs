@@ -4,7 +4,6 @@
 
 use super::{Backend, BackendError, BackendQueue, DiskInfo, IoOp, IoRequest, Submitted};
 use leap_queues::Status;
-use std::os::fd::RawFd;
 
 /// A disk in anonymous memory, populated up front; discarded ranges are given back to the kernel.
 pub struct RamBackend {
@@ -161,16 +160,6 @@ impl BackendQueue for RamQueue {
             IoOp::Flush => {}
         }
         Submitted::Done(Status::SUCCESS)
-    }
-    fn flush(&mut self) {}
-    fn poll(&mut self, _done: &mut dyn FnMut(u64, Status)) -> usize {
-        0
-    }
-    fn in_flight(&self) -> usize {
-        0
-    }
-    fn wake_fd(&self) -> Option<RawFd> {
-        None
     }
 }
 
