@@ -92,8 +92,9 @@ impl Default for Scratch {
 pub enum Started {
     /// Finished now with this status.
     Done(Status),
-    /// This many back-end operations are in flight for it (tagged with the command id).
-    Pending(u16),
+    /// This many back-end operations are in flight for it (tagged with the command id); the
+    /// status is an error some of its other operations already failed with, if any.
+    Pending(u16, Option<Status>),
 }
 
 /// What the command is, for counting.
@@ -170,7 +171,7 @@ fn start_inner(
         // which the caller keeps alive until completion.
         match unsafe { bq.submit(&req) } {
             Submitted::Done(s) => Started::Done(s),
-            Submitted::Queued => Started::Pending(1),
+            Submitted::Queued => Started::Pending(1, None),
         }
     };
     match opcode {
@@ -298,7 +299,7 @@ fn start_inner(
                         iov: &[],
                     },
                 ) {
-                    Started::Pending(n) => pending += n,
+                    Started::Pending(n, _) => pending += n,
                     Started::Done(s) if !s.is_success() => first_err = first_err.or(Some(s)),
                     Started::Done(_) => {}
                 }
@@ -306,7 +307,7 @@ fn start_inner(
             match (pending, first_err) {
                 (0, Some(s)) => Ok(Started::Done(s)),
                 (0, None) => Ok(Started::Done(Status::SUCCESS)),
-                (n, _) => Ok(Started::Pending(n)),
+                (n, err) => Ok(Started::Pending(n, err)),
             }
         }
         _ => Err(Status::INVALID_OPCODE),
@@ -446,7 +447,7 @@ mod tests {
             // SAFETY: `self.mem` outlives the call; the RAM back end finishes inside `submit`.
             match unsafe { start(&self.ns, sqe, capsule, &a, &mut self.scratch, &mut *self.bq) } {
                 Started::Done(s) => s,
-                Started::Pending(n) => panic!("RAM back end left {n} operations pending"),
+                Started::Pending(n, _) => panic!("RAM back end left {n} operations pending"),
             }
         }
     }

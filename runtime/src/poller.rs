@@ -531,7 +531,11 @@ fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bo
         let started = unsafe { exec::start(&p.ns, &sqe, capsule, &p.current, scratch, &mut *p.bq) };
         match started {
             Started::Done(status) => finish(p, cid, status),
-            Started::Pending(n) => p.cmds[cid as usize].pending = n,
+            Started::Pending(n, err) => {
+                let c = &mut p.cmds[cid as usize];
+                c.pending = n;
+                c.status = err;
+            }
         }
     }
     p.bq.flush();

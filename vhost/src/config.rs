@@ -65,81 +65,93 @@ pub const CONFIG_SIZE: usize = 60;
 /// Offset of the `writeback` byte.
 pub const WRITEBACK_OFFSET: usize = 32;
 
-/// The values of the configuration space.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// The values of the configuration space, as the device encodes them and a driver decodes them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BlkConfig {
     /// Capacity in 512-byte sectors.
     pub capacity: u64,
-    /// Largest segment in bytes.
+    /// Largest segment in bytes (`SIZE_MAX`).
     pub size_max: u32,
-    /// Most data segments per request.
+    /// Most data segments per request (`SEG_MAX`).
     pub seg_max: u32,
-    /// Logical block size.
+    /// Logical block size (`BLK_SIZE`).
     pub blk_size: u32,
-    /// log2(physical block / logical block).
+    /// log2(physical block / logical block) (`TOPOLOGY`).
     pub physical_block_exp: u8,
-    /// Write-back cache (1) or write-through (0).
-    pub writeback: u8,
-    /// Number of request queues.
+    /// Offset of the first aligned logical block (`TOPOLOGY`).
+    pub alignment_offset: u8,
+    /// Suggested minimum I/O size in blocks (`TOPOLOGY`).
+    pub min_io_size: u16,
+    /// Optimal sustained I/O size in blocks (`TOPOLOGY`).
+    pub opt_io_size: u32,
+    /// Write-back (true) or write-through cache (`wce`, `CONFIG_WCE`).
+    pub writeback: bool,
+    /// Number of request queues (`MQ`).
     pub num_queues: u16,
-    /// Largest discard in sectors.
+    /// Largest discard in sectors (`DISCARD`).
     pub max_discard_sectors: u32,
     /// Most discard segments per request.
     pub max_discard_seg: u32,
     /// Discard alignment in sectors.
     pub discard_sector_alignment: u32,
-    /// Largest write-zeroes in sectors.
+    /// Largest write-zeroes in sectors (`WRITE_ZEROES`).
     pub max_write_zeroes_sectors: u32,
     /// Most write-zeroes segments per request.
     pub max_write_zeroes_seg: u32,
     /// Whether write zeroes with UNMAP may deallocate.
-    pub write_zeroes_may_unmap: u8,
+    pub write_zeroes_may_unmap: bool,
 }
 
 impl BlkConfig {
-    /// The little-endian configuration space layout.
+    /// The little-endian configuration space layout (virtio 1.2, 5.2.4).
     pub fn to_bytes(&self) -> [u8; CONFIG_SIZE] {
         let mut b = [0u8; CONFIG_SIZE];
         b[0..8].copy_from_slice(&self.capacity.to_le_bytes());
         b[8..12].copy_from_slice(&self.size_max.to_le_bytes());
         b[12..16].copy_from_slice(&self.seg_max.to_le_bytes());
-        // 16..20: geometry (unused).
+        // 16..20: legacy geometry (unused).
         b[20..24].copy_from_slice(&self.blk_size.to_le_bytes());
         b[24] = self.physical_block_exp;
-        // 25: alignment_offset, 26..28 min_io_size, 28..32 opt_io_size.
-        b[26..28].copy_from_slice(&1u16.to_le_bytes());
-        b[WRITEBACK_OFFSET] = self.writeback;
+        b[25] = self.alignment_offset;
+        b[26..28].copy_from_slice(&self.min_io_size.to_le_bytes());
+        b[28..32].copy_from_slice(&self.opt_io_size.to_le_bytes());
+        b[WRITEBACK_OFFSET] = self.writeback as u8;
         b[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
         b[36..40].copy_from_slice(&self.max_discard_sectors.to_le_bytes());
         b[40..44].copy_from_slice(&self.max_discard_seg.to_le_bytes());
         b[44..48].copy_from_slice(&self.discard_sector_alignment.to_le_bytes());
         b[48..52].copy_from_slice(&self.max_write_zeroes_sectors.to_le_bytes());
         b[52..56].copy_from_slice(&self.max_write_zeroes_seg.to_le_bytes());
-        b[56] = self.write_zeroes_may_unmap;
+        b[56] = self.write_zeroes_may_unmap as u8;
         b
     }
 
-    /// Decodes a configuration space (as read by a driver); short input reads as zeros.
-    pub fn from_bytes(src: &[u8]) -> Self {
-        let mut b = [0u8; CONFIG_SIZE];
-        let n = src.len().min(CONFIG_SIZE);
-        b[..n].copy_from_slice(&src[..n]);
-        let u32at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
-        BlkConfig {
-            capacity: u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")),
+    /// Decodes a configuration space as read by a driver; `None` if shorter than
+    /// [`CONFIG_SIZE`].
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        let b: &[u8; CONFIG_SIZE] = b.get(..CONFIG_SIZE)?.try_into().ok()?;
+        let u16at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let u32at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let mut cap = [0u8; 8];
+        cap.copy_from_slice(&b[0..8]);
+        Some(BlkConfig {
+            capacity: u64::from_le_bytes(cap),
             size_max: u32at(8),
             seg_max: u32at(12),
             blk_size: u32at(20),
             physical_block_exp: b[24],
-            writeback: b[WRITEBACK_OFFSET],
-            num_queues: u16::from_le_bytes([b[34], b[35]]),
+            alignment_offset: b[25],
+            min_io_size: u16at(26),
+            opt_io_size: u32at(28),
+            writeback: b[WRITEBACK_OFFSET] != 0,
+            num_queues: u16at(34),
             max_discard_sectors: u32at(36),
             max_discard_seg: u32at(40),
             discard_sector_alignment: u32at(44),
             max_write_zeroes_sectors: u32at(48),
             max_write_zeroes_seg: u32at(52),
-            write_zeroes_may_unmap: b[56],
-        }
+            write_zeroes_may_unmap: b[56] != 0,
+        })
     }
 }
 
@@ -154,20 +166,22 @@ mod tests {
             size_max: 1 << 18,
             seg_max: 126,
             blk_size: 4096,
-            writeback: 1,
+            writeback: true,
             num_queues: 4,
             max_discard_sectors: 99,
             max_discard_seg: 32,
             discard_sector_alignment: 8,
             max_write_zeroes_sectors: 77,
             max_write_zeroes_seg: 1,
-            write_zeroes_may_unmap: 1,
-            physical_block_exp: 0,
+            write_zeroes_may_unmap: true,
+            min_io_size: 1,
+            ..BlkConfig::default()
         };
         let b = c.to_bytes();
         assert_eq!(b[34], 4, "num_queues at offset 34");
         assert_eq!(b[20..24], 4096u32.to_le_bytes(), "blk_size at offset 20");
-        assert_eq!(BlkConfig::from_bytes(&b), c);
+        assert_eq!(BlkConfig::from_bytes(&b), Some(c));
+        assert_eq!(BlkConfig::from_bytes(&b[..10]), None);
         // virtio-bindings agrees on where the fields are.
         use virtio_bindings::virtio_blk::virtio_blk_config as C;
         assert_eq!(std::mem::offset_of!(C, num_queues), 34);

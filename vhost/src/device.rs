@@ -156,8 +156,9 @@ impl BlkDevice {
             size_max: c.size_max,
             seg_max: c.seg_max,
             blk_size: s.block_size,
-            physical_block_exp: 0,
-            writeback: self.shared.writeback.load(Ordering::Relaxed) as u8,
+            // TOPOLOGY is not offered; min_io_size 1 keeps the field sane for drivers that read it.
+            min_io_size: 1,
+            writeback: self.shared.writeback.load(Ordering::Relaxed),
             num_queues: c.num_queues,
             // Whole blocks, no more than the disk, and at most 2^30 sectors (one Dataset
             // Management range holds 2^32 - 1 blocks).
@@ -168,7 +169,8 @@ impl BlkDevice {
             // One NVMe Write Zeroes command covers at most 65536 blocks.
             max_write_zeroes_sectors: 65536 * block_sectors,
             max_write_zeroes_seg: 1,
-            write_zeroes_may_unmap: 1,
+            write_zeroes_may_unmap: true,
+            ..BlkConfig::default()
         }
     }
 

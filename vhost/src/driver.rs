@@ -63,13 +63,15 @@ const PROTOCOL_FEATURES_BIT: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bi
 /// Feature bits 0..=23 are device-type specific (virtio 1.2 §6): for us, virtio-blk's.
 const DEVICE_FEATURE_BITS: u64 = (1 << 24) - 1;
 
+pub use crate::config::BlkConfig;
+
 /// Bytes of `struct virtio_blk_config` the driver reads: everything up to and including
 /// `write_zeroes_may_unmap` and its padding (virtio 1.2 §5.2.4). Secure-erase and zoned fields
 /// are left out so backends with a shorter config space still answer.
-pub const BLK_CONFIG_LEN: u32 = 60;
+pub const BLK_CONFIG_LEN: u32 = crate::config::CONFIG_SIZE as u32;
 
 /// Offset of `writeback` (`wce`) in `struct virtio_blk_config`.
-const BLK_CONFIG_WCE_OFFSET: u32 = 32;
+const BLK_CONFIG_WCE_OFFSET: u32 = crate::config::WRITEBACK_OFFSET as u32;
 
 /// Ring parts and scratch areas start on this boundary so the avail ring (written by the
 /// driver) and the used ring (written by the device) never share a cache line. 128 bytes covers
@@ -202,76 +204,6 @@ impl Default for DriverOptions {
             event_idx: true,
             features_mask: 0,
         }
-    }
-}
-
-/// The decoded virtio-blk configuration space (virtio 1.2 §5.2.4). Multi-byte fields are
-/// little-endian on the wire (virtio 1.x); they are converted here.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BlkConfig {
-    /// Capacity in 512-byte sectors.
-    pub capacity: u64,
-    /// Largest segment size (`VIRTIO_BLK_F_SIZE_MAX`).
-    pub size_max: u32,
-    /// Most segments per request (`VIRTIO_BLK_F_SEG_MAX`).
-    pub seg_max: u32,
-    /// Logical block size (`VIRTIO_BLK_F_BLK_SIZE`).
-    pub blk_size: u32,
-    /// log2(physical block / logical block) (`VIRTIO_BLK_F_TOPOLOGY`).
-    pub physical_block_exp: u8,
-    /// Offset of the first aligned logical block (`VIRTIO_BLK_F_TOPOLOGY`).
-    pub alignment_offset: u8,
-    /// Suggested minimum I/O size in blocks (`VIRTIO_BLK_F_TOPOLOGY`).
-    pub min_io_size: u16,
-    /// Optimal sustained I/O size in blocks (`VIRTIO_BLK_F_TOPOLOGY`).
-    pub opt_io_size: u32,
-    /// Write-back cache on (`wce`, `VIRTIO_BLK_F_CONFIG_WCE`).
-    pub writeback: bool,
-    /// Number of request queues (`VIRTIO_BLK_F_MQ`).
-    pub num_queues: u16,
-    /// Largest discard in sectors (`VIRTIO_BLK_F_DISCARD`).
-    pub max_discard_sectors: u32,
-    /// Most discard segments per request.
-    pub max_discard_seg: u32,
-    /// Discard alignment in sectors.
-    pub discard_sector_alignment: u32,
-    /// Largest write-zeroes in sectors (`VIRTIO_BLK_F_WRITE_ZEROES`).
-    pub max_write_zeroes_sectors: u32,
-    /// Most write-zeroes segments per request.
-    pub max_write_zeroes_seg: u32,
-    /// Write-zeroes with the unmap flag may deallocate.
-    pub write_zeroes_may_unmap: bool,
-}
-
-impl BlkConfig {
-    /// Decodes the first [`BLK_CONFIG_LEN`] bytes of a virtio-blk config space.
-    pub fn decode(raw: &[u8]) -> Result<BlkConfig, DriverError> {
-        if raw.len() < BLK_CONFIG_LEN as usize {
-            return Err(DriverError::ShortConfig(raw.len()));
-        }
-        let u16_at = |o: usize| u16::from_le_bytes([raw[o], raw[o + 1]]);
-        let u32_at = |o: usize| u32::from_le_bytes([raw[o], raw[o + 1], raw[o + 2], raw[o + 3]]);
-        let mut cap = [0u8; 8];
-        cap.copy_from_slice(&raw[0..8]);
-        Ok(BlkConfig {
-            capacity: u64::from_le_bytes(cap),
-            size_max: u32_at(8),
-            seg_max: u32_at(12),
-            // 16..20: legacy geometry, not decoded.
-            blk_size: u32_at(20),
-            physical_block_exp: raw[24],
-            alignment_offset: raw[25],
-            min_io_size: u16_at(26),
-            opt_io_size: u32_at(28),
-            writeback: raw[BLK_CONFIG_WCE_OFFSET as usize] != 0,
-            num_queues: u16_at(34),
-            max_discard_sectors: u32_at(36),
-            max_discard_seg: u32_at(40),
-            discard_sector_alignment: u32_at(44),
-            max_write_zeroes_sectors: u32_at(48),
-            max_write_zeroes_seg: u32_at(52),
-            write_zeroes_may_unmap: raw[56] != 0,
-        })
     }
 }
 
@@ -557,7 +489,7 @@ impl Driver {
             .clone()
             .get_config(0, BLK_CONFIG_LEN, VhostUserConfigFlags::empty(), &buf)
             .map_err(vhost_err("GET_CONFIG"))?;
-        BlkConfig::decode(&payload)
+        BlkConfig::from_bytes(&payload).ok_or(DriverError::ShortConfig(payload.len()))
     }
 
     /// Turns the device's write-back cache on or off: `SET_CONFIG` of the one `writeback`
@@ -656,7 +588,7 @@ mod tests {
         raw[34..36].copy_from_slice(&2u16.to_le_bytes());
         raw[40..44].copy_from_slice(&1u32.to_le_bytes());
         raw[56] = 1;
-        let c = BlkConfig::decode(&raw).unwrap();
+        let c = BlkConfig::from_bytes(&raw).unwrap();
         assert_eq!(c.capacity, 131072);
         assert_eq!(c.seg_max, 126);
         assert_eq!(c.blk_size, 512);
@@ -664,10 +596,7 @@ mod tests {
         assert_eq!(c.num_queues, 2);
         assert_eq!(c.max_discard_seg, 1);
         assert!(c.write_zeroes_may_unmap);
-        assert!(matches!(
-            BlkConfig::decode(&raw[..10]),
-            Err(DriverError::ShortConfig(10))
-        ));
+        assert_eq!(BlkConfig::from_bytes(&raw[..10]), None);
     }
 
     #[test]
