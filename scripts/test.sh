@@ -4,7 +4,8 @@
 #   2. cargo fmt --all -- --check; cargo clippy --workspace --all-targets -- -D warnings;
 #      cargo test --workspace --all-targets; the loom checks of leap-queues (--cfg loom, own
 #      target dir target/loom)
-#   3. cargo build --release -p leap-soc, then tests/guest/guest-verify.sh --backend leapd
+#   3. cargo build --release -p leap-soc, then tests/guest/guest-verify.sh --backend leapd, with
+#      512- and 4096-byte logical blocks
 #      (a real QEMU guest; skipped loudly without QEMU/kernel/fio/busybox unless CI=true or
 #      LEAP_REQUIRE_GUEST=1)
 #   4. scripts/build-aarch64.sh           (when CI=true or LEAP_AARCH64=1; LEAP_AARCH64_TEST=1 also
@@ -65,6 +66,7 @@ if [ "${LEAP_SKIP_GUEST:-0}" = 1 ]; then
 else
   step release-build cargo build --release -p leap-soc
   step guest env LEAPD="${LEAPD:-$root/target/release/leapd}" tests/guest/guest-verify.sh --backend leapd
+  step guest-4k env LEAPD="${LEAPD:-$root/target/release/leapd}" tests/guest/guest-verify.sh --backend leapd --block-size 4096
 fi
 
 if [ "$aarch64" = 1 ]; then
