@@ -149,9 +149,15 @@ impl Server {
         // Complete in-flight I/O before the guest memory goes away, then let workers exit.
         dev.shutdown();
         dev.send_exit_events();
+        use vhost::vhost_user::Error as VuError;
+        use vhost_user_backend::Error as DaemonError;
         match r {
-            Ok(()) => log::info!("{}: front end disconnected", self.path.display()),
-            Err(e) => log::info!("{}: connection ended: {e}", self.path.display()),
+            // A front end that goes away (guest shutdown, QEMU exit) ends the connection this way.
+            Ok(())
+            | Err(DaemonError::HandleRequest(VuError::Disconnected | VuError::PartialMessage)) => {
+                log::info!("{}: front end disconnected", self.path.display())
+            }
+            Err(e) => log::warn!("{}: connection ended: {e}", self.path.display()),
         }
         // Give the worker threads a moment to leave before the next connection.
         std::thread::sleep(Duration::from_millis(1));
