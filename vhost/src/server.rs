@@ -95,6 +95,17 @@ impl Server {
         &self.path
     }
 
+    /// The device's counters since the server started, as `name=value` pairs: NVMe commands by
+    /// kind, bytes, refused commands, back-end errors, and malformed virtio requests by reason
+    /// (only the non-zero ones).
+    pub fn counters(&self) -> String {
+        let io = self.ctx.io_stats.snapshot();
+        let bad = self.ctx.stats.snapshot();
+        let mut out: Vec<String> = io.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        out.extend(bad.iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("malformed_{k}={v}")));
+        out.join(" ")
+    }
+
     /// A handle to stop [`Server::run`] from another thread.
     pub fn stop_handle(&self) -> StopHandle {
         self.stop.clone()
@@ -159,6 +170,7 @@ impl Server {
             }
             Err(e) => log::warn!("{}: connection ended: {e}", self.path.display()),
         }
+        log::info!("{}: totals: {}", self.path.display(), self.counters());
         // Give the worker threads a moment to leave before the next connection.
         std::thread::sleep(Duration::from_millis(1));
         Ok(())
