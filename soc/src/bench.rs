@@ -9,7 +9,6 @@ use leap_vhost::driver::{
 };
 use leap_vhost::{DeviceConfig, DeviceContext, Server, VhostStats};
 use std::io::Write;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -123,7 +122,7 @@ fn run_case(backend_name: &str, qd: u16, a: &BenchArgs) -> Result<Row, String> {
         },
         stats: Arc::new(VhostStats::default()),
         io_stats: Arc::new(IoStats::default()),
-        writeback: Arc::new(AtomicBool::new(true)),
+        writeback: true,
     };
     let dir = tempfile_dir()?;
     let sock = dir.join("bench.sock");

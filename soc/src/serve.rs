@@ -8,7 +8,6 @@ use leap_runtime::backend::{
 use leap_runtime::{IoStats, Namespace, Poller, PollerConfig};
 use leap_vhost::{DeviceConfig, DeviceContext, Server, VhostStats};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -141,7 +140,7 @@ pub fn run(
         },
         stats: Arc::new(VhostStats::default()),
         io_stats: Arc::new(IoStats::default()),
-        writeback: Arc::new(AtomicBool::new(true)),
+        writeback: true,
     };
     let mut server =
         Server::bind(&o.socket, o.socket_mode, ctx.clone()).map_err(|e| e.to_string())?;

@@ -6,7 +6,6 @@ use leap_runtime::backend::Backend;
 use leap_runtime::{IoStats, Namespace, Poller, PollerConfig};
 use leap_vhost::{DeviceConfig, DeviceContext, Server, StopHandle, VhostStats};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -51,7 +50,7 @@ impl TestServer {
             },
             stats: stats.clone(),
             io_stats: io_stats.clone(),
-            writeback: Arc::new(AtomicBool::new(true)),
+            writeback: true,
         };
         let mut server = Server::bind(&socket, 0o600, ctx).expect("bind");
         let stop = server.stop_handle();

@@ -100,8 +100,9 @@ pub struct DeviceContext {
     pub stats: Arc<VhostStats>,
     /// NVMe I/O counters (kept across connections).
     pub io_stats: Arc<IoStats>,
-    /// Write-back cache state (kept across connections so a reconnecting guest sees its choice).
-    pub writeback: Arc<AtomicBool>,
+    /// The cache mode each connection starts with (a new connection is a device reset): write-back
+    /// (true) so guests send FLUSH.
+    pub writeback: bool,
 }
 
 /// A vhost-user-blk device for one connection.
@@ -125,7 +126,7 @@ impl BlkDevice {
                 serial: info.serial.clone(),
                 max_discard_seg: ctx.config.max_discard_seg.min(256),
             },
-            writeback: AtomicBool::new(ctx.writeback.load(Ordering::Relaxed)),
+            writeback: AtomicBool::new(ctx.writeback),
             stats: ctx.stats.clone(),
             memory: Mutex::new(Memory {
                 mem: Arc::new(GuestMemoryMmap::new()),
@@ -224,10 +225,6 @@ impl BlkDevice {
         for q in 0..self.ctx.config.num_queues as usize {
             self.detach(q);
         }
-        self.ctx.writeback.store(
-            self.shared.writeback.load(Ordering::Relaxed),
-            Ordering::Relaxed,
-        );
     }
 
     /// Wakes the worker threads so they exit.

@@ -102,7 +102,11 @@ impl Server {
         let io = self.ctx.io_stats.snapshot();
         let bad = self.ctx.stats.snapshot();
         let mut out: Vec<String> = io.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        out.extend(bad.iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("malformed_{k}={v}")));
+        out.extend(
+            bad.iter()
+                .filter(|(_, v)| *v > 0)
+                .map(|(k, v)| format!("malformed_{k}={v}")),
+        );
         out.join(" ")
     }
 
