@@ -50,6 +50,12 @@ if [ "$(id -u)" = 0 ]; then
   step deps env LEAP_INSTALL_ARM64="${LEAP_INSTALL_ARM64:-$aarch64}" scripts/install-deps.sh
 fi
 
+# rustfmt and clippy come with the machine's rustup toolchain; add them if a machine lacks them.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  echo "test.sh: adding rustfmt and clippy to the toolchain"
+  rustup component add rustfmt clippy
+fi
+
 step fmt cargo fmt --all -- --check
 step clippy cargo clippy --workspace --all-targets -- -D warnings
 # a hung test must not hang CI: LEAP_CARGO_TEST_TIMEOUT seconds (default 1800) for build + tests
