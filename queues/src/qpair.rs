@@ -106,11 +106,11 @@ mod mem {
             RingMem((0..len).map(|_| UnsafeCell::new(init)).collect())
         }
         pub(super) fn slots(&self) -> Slots<T> {
-            // SAFETY: the boxed cells are aligned for `T` (a `Box<[UnsafeCell<T>]>` is laid out
-            // as `[T]`), valid for `len` entries and live as long as the `Shared` that owns
-            // them, which every holder of the returned slots also holds (through an `Arc`). No
-            // reference to the contents is ever made: all access goes through `RawSlots`, and
-            // `UnsafeCell` permits writes through this shared-derived pointer. `Sqe` and `Cqe`
+            // The boxed cells are aligned for `T` (`Box<[UnsafeCell<T>]>` is laid out as `[T]`)
+            // and live as long as the `Shared` that owns them, which every holder of the slots
+            // also holds (through an `Arc`). No reference to the contents is ever made (all
+            // access goes through `RawSlots`); `UnsafeCell` permits writes through this pointer.
+            // SAFETY: valid, aligned, live for `len` entries as argued above; `Sqe` and `Cqe`
             // are valid for every bit pattern.
             unsafe { RawSlots::new(UnsafeCell::raw_get(self.0.as_ptr()), self.0.len()) }
         }
@@ -421,10 +421,10 @@ impl Submitter {
         let mut sqe = Sqe::default();
         sqe.set_cid(cid);
         {
-            // SAFETY: every id in the free queue is < depth. The cid is free: the processor
-            // reads a capsule only while its cid is in flight, and its last read of this one
-            // happened before the completion we Acquired in `reap`; the borrow ends in this
-            // block, before the command is queued.
+            // The cid is free: the processor reads a capsule only while its cid is in flight,
+            // and its last read of this one happened before the completion we Acquired in
+            // `reap`; the borrow ends in this block, before the command is queued.
+            // SAFETY: every id in the free queue is < depth, and nobody else uses its capsule.
             let capsule = unsafe { self.shared.capsules.bytes_mut(usize::from(cid)) };
             f(cid, &mut sqe, capsule).map_err(SubmitError::Rejected)?;
         }

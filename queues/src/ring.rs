@@ -203,10 +203,10 @@ unsafe impl CqSlots for RawSlots<Cqe> {
     unsafe fn load_status(&self, i: usize, order: Ordering) -> u16 {
         // SAFETY: `i < len` (caller), so the entry is in bounds; `&raw mut` makes no reference.
         let p = unsafe { &raw mut (*self.ptr.add(i)).status };
-        // SAFETY: `Cqe` is `align(16)` and `status` is at offset 14 (asserted in nvme.rs), so `p`
-        // is 2-byte aligned as `AtomicU16` requires on every target; the memory is valid for the
-        // lifetime of `self`. Non-atomic accesses of these bytes (a consumer's whole-entry read
-        // after it saw the new phase) are ordered with the atomic ones by the ring protocol.
+        // `Cqe` is `align(16)` and `status` is at offset 14 (asserted in nvme.rs). Non-atomic
+        // accesses of these bytes (a consumer's whole-entry read after it saw the new phase) are
+        // ordered with the atomic ones by the ring protocol.
+        // SAFETY: `p` is 2-byte aligned as `AtomicU16` needs everywhere, and valid for `self`.
         let a = unsafe { core::sync::atomic::AtomicU16::from_ptr(p) };
         u16::from_le(a.load(order))
     }
@@ -448,10 +448,10 @@ impl<T: Copy, S: Slots<T>, D: Deref<Target = AtomicU32>> SqProducer<T, S, D> {
                 return Err(RingError::Full);
             }
         }
-        // SAFETY: `tail < size == slots.len()`. The slot at `tail` belongs to the producer: the
-        // consumer reads only slots before the published tail, and its reads of this slot in the
-        // previous lap happen before this write (Acquire load of the head doorbell above or in
-        // an earlier push that observed a head past this slot).
+        // The slot at `tail` belongs to the producer: the consumer reads only slots before the
+        // published tail, and its reads of this slot in the previous lap happen before this
+        // write (Acquire load of the head doorbell above, or in an earlier push).
+        // SAFETY: `tail < size == slots.len()`, and the slot is the producer's (above).
         unsafe { self.slots.write(self.tail as usize, v) };
         self.tail = n;
         Ok(())
@@ -592,10 +592,10 @@ impl<S: CqSlots, D: Deref<Target = AtomicU32>> CqProducer<S, D> {
             }
         }
         let i = self.tail as usize;
-        // SAFETY: `i < size == slots.len()`; the slot is free: the consumer stops at the first
-        // entry whose phase does not match and only reads a body after the Release store below,
-        // and its reads from the previous lap happen before this write (Acquire above or in an
-        // earlier push).
+        // The slot is free: the consumer stops at the first entry whose phase does not match and
+        // reads a body only after the Release store below; its reads from the previous lap
+        // happen before this write (Acquire above or in an earlier push).
+        // SAFETY: `i < size == slots.len()`, and the slot is free (above).
         unsafe { self.slots.write_body(i, &cqe) };
         let status = (u16::from_le(cqe.status) & !1) | self.phase as u16;
         // Release: the body written above happens before this store, so a consumer whose Acquire

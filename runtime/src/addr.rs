@@ -194,10 +194,9 @@ impl AddressSpace {
     pub fn read(&self, addr: u64, out: &mut [u8]) -> Result<(), AddrError> {
         let mut done = 0;
         self.translate(addr, out.len() as u64, usize::MAX, |p| {
-            // SAFETY: `translate` only reports pieces inside regions, which the `keep` owner
-            // keeps mapped while `self` lives; `out[done..done + p.len]` is in bounds because
-            // the pieces add up to `out.len()`. Guest memory may change under us, so this is a
-            // byte copy, never a reference into it.
+            // Guest memory may change under us, so this is a byte copy, never a reference into it.
+            // SAFETY: `translate` reports only pieces inside regions, kept mapped while `self`
+            // lives by `keep`; `out[done..done + p.len]` is in bounds (pieces sum to its length).
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     p.host as *const u8,

@@ -141,10 +141,10 @@ impl BackendQueue for RamQueue {
                     if (off - req.offset as usize) + v.iov_len > req.len as usize {
                         return Submitted::Done(Status::SGL_LENGTH_INVALID);
                     }
-                    // SAFETY: off + iov_len <= offset + len <= size, so the disk side is inside
-                    // the mapping; the caller guarantees the iovec memory is valid (see
-                    // `BackendQueue::submit`). Copies, never references: either side may be
-                    // written concurrently by a guest or another queue.
+                    // Copies, never references: either side may be written concurrently by a
+                    // guest or another queue.
+                    // SAFETY: off + iov_len <= offset + len <= size keeps the disk side in the
+                    // mapping; the caller guarantees the iovec memory (`BackendQueue::submit`).
                     unsafe {
                         let disk = d.base.add(off);
                         if req.op == IoOp::Read {
