@@ -98,7 +98,7 @@ pub enum Started {
 }
 
 /// What the command is, for counting.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Kind {
     /// Read.
     Read,
@@ -111,6 +111,7 @@ pub enum Kind {
     /// Write Zeroes.
     WriteZeroes,
     /// Anything else.
+    #[default]
     Other,
 }
 

@@ -16,4 +16,4 @@ pub mod stats;
 pub use addr::{AddrError, AddressSpace, Piece, Region};
 pub use exec::Namespace;
 pub use poller::{PairId, Poller, PollerConfig, PollerError, PollerStats, Port, Waker};
-pub use stats::IoStats;
+pub use stats::{DeviceIoStats, IoStats};

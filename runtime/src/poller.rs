@@ -24,6 +24,7 @@ pub trait Port: Send {
     /// Moves new requests from the front end into `sq` (as SQEs with capsules). Returns how many.
     fn submit(&mut self, sq: &mut Submitter) -> usize;
     /// Reaps completions from `sq` and completes them to the front end, notifying it at most once.
+    /// Called every round after `submit`, so it can also deliver a notification `submit` owes.
     /// Returns how many.
     fn complete(&mut self, sq: &mut Submitter) -> usize;
     /// The poller is about to sleep: re-enable notifications. Returns true if work arrived
@@ -146,7 +147,7 @@ pub struct Poller {
 struct Cmd {
     pending: u16,
     status: Option<Status>,
-    kind: Option<Kind>,
+    kind: Kind,
     bytes: u64,
 }
 
@@ -522,7 +523,7 @@ fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bo
         *slot = Cmd {
             pending: 0,
             status: None,
-            kind: Some(kind),
+            kind,
             bytes: (sqe.nlb() as u64) << p.ns.info().block_shift(),
         };
         let capsule = p.proc.capsule(cid).unwrap_or(&[]);
@@ -544,7 +545,6 @@ fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bo
         cmds,
         proc,
         stats,
-        ns,
         ..
     } = p;
     work += bq.poll(&mut |tag, status| {
@@ -558,7 +558,7 @@ fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bo
         c.pending = c.pending.saturating_sub(1);
         if c.pending == 0 {
             let st = c.status.unwrap_or(Status::SUCCESS);
-            count(stats, ns, c, st);
+            count(stats, c, st);
             let _ = proc.complete(cid, st, 0);
         }
     });
@@ -570,7 +570,7 @@ fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bo
 
 fn finish(p: &mut Pair, cid: u16, status: Status) {
     let c = p.cmds[cid as usize];
-    count(&p.stats, &p.ns, &c, status);
+    count(&p.stats, &c, status);
     if p.proc.complete(cid, status, 0).is_err() {
         crate::log_limited!(
             log::Level::Error,
@@ -579,7 +579,7 @@ fn finish(p: &mut Pair, cid: u16, status: Status) {
     }
 }
 
-fn count(s: &IoStats, _ns: &Namespace, c: &Cmd, status: Status) {
+fn count(s: &IoStats, c: &Cmd, status: Status) {
     if !status.is_success() {
         if status.sct() == 0 && status.sc() < 0x80
             || status == Status::LBA_OUT_OF_RANGE
@@ -602,18 +602,18 @@ fn count(s: &IoStats, _ns: &Namespace, c: &Cmd, status: Status) {
         return;
     }
     match c.kind {
-        Some(Kind::Read) => {
+        Kind::Read => {
             stats::inc(&s.reads);
             stats::add(&s.bytes_read, c.bytes);
         }
-        Some(Kind::Write) => {
+        Kind::Write => {
             stats::inc(&s.writes);
             stats::add(&s.bytes_written, c.bytes);
         }
-        Some(Kind::Flush) => stats::inc(&s.flushes),
-        Some(Kind::Discard) => stats::inc(&s.discards),
-        Some(Kind::WriteZeroes) => stats::inc(&s.write_zeroes),
-        _ => {}
+        Kind::Flush => stats::inc(&s.flushes),
+        Kind::Discard => stats::inc(&s.discards),
+        Kind::WriteZeroes => stats::inc(&s.write_zeroes),
+        Kind::Other => {}
     }
 }
 

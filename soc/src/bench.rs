@@ -3,7 +3,7 @@
 //! over the chosen back end. Prints IOPS, mean and p99 latency, and poller CPU time per I/O.
 
 use crate::diskspec::{DiskKind, DiskSpec};
-use leap_runtime::{IoStats, Namespace};
+use leap_runtime::{DeviceIoStats, Namespace};
 use leap_vhost::driver::{
     blk_status, submit_blk, Desc, Driver, DriverOptions, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
@@ -121,7 +121,7 @@ fn run_case(backend_name: &str, qd: u16, a: &BenchArgs) -> Result<Row, String> {
             ..DeviceConfig::default()
         },
         stats: Arc::new(VhostStats::default()),
-        io_stats: Arc::new(IoStats::default()),
+        io_stats: Arc::new(DeviceIoStats::new(1)),
         writeback: true,
     };
     let dir = tempfile_dir()?;

@@ -2,10 +2,8 @@
 
 use crate::diskspec::{DiskKind, DiskSpec};
 use crate::platform::Platform;
-use leap_runtime::backend::{
-    Backend, FileBackend, FileOptions, IoOp, IoRequest, NullBackend, RamBackend, Submitted,
-};
-use leap_runtime::{IoStats, Namespace, Poller, PollerConfig};
+use leap_runtime::backend::{Backend, FileBackend, FileOptions, NullBackend, RamBackend};
+use leap_runtime::{DeviceIoStats, Namespace, Poller, PollerConfig};
 use leap_vhost::{DeviceConfig, DeviceContext, Server, VhostStats};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -81,41 +79,6 @@ pub fn start_pollers(
     Ok(Arc::new(v))
 }
 
-/// Makes everything written so far durable (used at shutdown).
-pub fn flush(backend: &dyn Backend) -> Result<(), String> {
-    if backend.info().read_only {
-        return Ok(());
-    }
-    let mut q = backend.open_queue(1).map_err(|e| e.to_string())?;
-    let req = IoRequest {
-        tag: 0,
-        op: IoOp::Flush,
-        offset: 0,
-        len: 0,
-        iov: &[],
-    };
-    // SAFETY: a flush carries no buffers.
-    let status = match unsafe { q.submit(&req) } {
-        Submitted::Done(s) => s,
-        Submitted::Queued => {
-            q.flush();
-            let mut out = None;
-            while out.is_none() {
-                q.poll(&mut |_, s| out = Some(s));
-                if out.is_none() {
-                    std::thread::sleep(Duration::from_micros(100));
-                }
-            }
-            out.expect("loop exits with a status")
-        }
-    };
-    if status.is_success() {
-        Ok(())
-    } else {
-        Err(format!("final flush failed: {status}"))
-    }
-}
-
 /// Serves until a signal arrives. Prints `how_to_attach` once listening.
 pub fn run(
     platform: &dyn Platform,
@@ -139,7 +102,7 @@ pub fn run(
             ..DeviceConfig::default()
         },
         stats: Arc::new(VhostStats::default()),
-        io_stats: Arc::new(IoStats::default()),
+        io_stats: Arc::new(DeviceIoStats::new(o.queues as usize)),
         writeback: true,
     };
     let mut server =
@@ -169,7 +132,7 @@ pub fn run(
     // Pollers drain in-flight work when dropped; then make the data durable.
     drop(ctx);
     drop(pollers);
-    flush(&*backend)?;
+    leap_runtime::backend::sync(&*backend).map_err(|e| format!("final {e}"))?;
     log::info!("stopped cleanly");
     r
 }

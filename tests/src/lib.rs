@@ -3,7 +3,7 @@
 //! the in-process driver.
 
 use leap_runtime::backend::Backend;
-use leap_runtime::{IoStats, Namespace, Poller, PollerConfig};
+use leap_runtime::{DeviceIoStats, Namespace, Poller, PollerConfig};
 use leap_vhost::{DeviceConfig, DeviceContext, Server, StopHandle, VhostStats};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,7 +17,7 @@ pub struct TestServer {
     /// Malformed-request counters.
     pub stats: Arc<VhostStats>,
     /// NVMe counters.
-    pub io_stats: Arc<IoStats>,
+    pub io_stats: Arc<DeviceIoStats>,
     stop: StopHandle,
     thread: Option<JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -40,7 +40,7 @@ impl TestServer {
             })
             .collect();
         let stats = Arc::new(VhostStats::default());
-        let io_stats = Arc::new(IoStats::default());
+        let io_stats = Arc::new(DeviceIoStats::new(queues as usize));
         let ctx = DeviceContext {
             ns: Namespace::new(backend),
             pollers: Arc::new(pollers),

@@ -605,12 +605,7 @@ fn malformed_requests_fail_cleanly_and_are_counted() {
         Some(IOERR),
         "data straddling the end of guest memory"
     );
-    assert!(
-        s.io_stats
-            .invalid
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= 1
-    );
+    assert!(s.io_stats.total(|s| &s.invalid) >= 1);
     // Missing status descriptor (all readable) and a zero-length status.
     for (name, chain) in [
         (
@@ -856,16 +851,11 @@ fn random_chains_never_wedge_the_device() {
     assert_eq!(write(&d, &mut q, area, 100, &data), OK);
     assert_eq!(read(&d, &mut q, area + 65536, 100, data.len()), (OK, data));
     let io = &s.io_stats;
-    let served = [
-        &io.reads,
-        &io.writes,
-        &io.flushes,
-        &io.discards,
-        &io.write_zeroes,
-    ]
-    .iter()
-    .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
-    .sum::<u64>();
+    let served = io.total(|s| &s.reads)
+        + io.total(|s| &s.writes)
+        + io.total(|s| &s.flushes)
+        + io.total(|s| &s.discards)
+        + io.total(|s| &s.write_zeroes);
     eprintln!(
         "malformed: {:?}; nvme: {:?}",
         s.stats.snapshot(),

@@ -4,7 +4,7 @@
 use crate::config::{feature, BlkConfig, CONFIG_SIZE, WRITEBACK_OFFSET};
 use crate::queue::BlkQueue;
 use crate::stats::VhostStats;
-use leap_runtime::{AddressSpace, IoStats, Namespace, PairId, Poller, Region};
+use leap_runtime::{AddressSpace, DeviceIoStats, Namespace, PairId, Poller, Region};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -99,7 +99,7 @@ pub struct DeviceContext {
     /// Malformed-request counters (kept across connections).
     pub stats: Arc<VhostStats>,
     /// NVMe I/O counters (kept across connections).
-    pub io_stats: Arc<IoStats>,
+    pub io_stats: Arc<DeviceIoStats>,
     /// The cache mode each connection starts with (a new connection is a device reset): write-back
     /// (true) so guests send FLUSH.
     pub writeback: bool,
@@ -110,7 +110,6 @@ pub struct BlkDevice {
     ctx: DeviceContext,
     shared: Arc<Shared>,
     pairs: Mutex<Vec<Option<(usize, PairId)>>>,
-    event_idx: AtomicBool,
     exit: Vec<(Mutex<Option<EventConsumer>>, EventNotifier)>,
 }
 
@@ -142,7 +141,6 @@ impl BlkDevice {
             ctx,
             shared,
             pairs: Mutex::new(vec![None; n]),
-            event_idx: AtomicBool::new(false),
             exit,
         }))
     }
@@ -187,15 +185,17 @@ impl BlkDevice {
         if pairs.get(q).is_none_or(|p| p.is_some()) {
             return;
         }
-        let depth = vring.get_ref().get_queue().size();
+        // One depth for both sides: the pair needs at least 2 entries, and the port's per-cid
+        // table must cover every cid the pair can hand out (a 1-entry virtqueue is legal).
+        let depth = vring.get_ref().get_queue().size().max(2);
         let port = BlkQueue::new(q as u16, vring.clone(), self.shared.clone(), depth);
         let pi = q % self.ctx.pollers.len();
         match self.ctx.pollers[pi].attach(
             Box::new(port),
             self.ctx.ns.clone(),
-            depth.max(2),
+            depth,
             self.capsule_bytes(),
-            self.ctx.io_stats.clone(),
+            self.ctx.io_stats.queue(q),
         ) {
             Ok(id) => {
                 log::debug!("queue {q} ({depth} entries) attached to poller {pi}");
@@ -272,8 +272,8 @@ impl VhostUserBackend for BlkDevice {
             | VhostUserProtocolFeatures::REPLY_ACK
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
+    fn set_event_idx(&self, _enabled: bool) {
+        // The library configures the vrings; queues ask them (`needs_notification`).
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {

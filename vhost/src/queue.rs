@@ -49,6 +49,9 @@ pub struct BlkQueue {
     pending: Vec<Pending>,
     /// Chains finished without reaching the queue pair (errors, GET_ID): (head, used length).
     immediate: Vec<(u16, u32)>,
+    /// Used entries were added (by `submit`) that the guest has not been told about; `complete`,
+    /// which the poller calls later in the same round, signals once for both.
+    unsignalled: bool,
     readable: Vec<Seg>,
     writable: Vec<Seg>,
     armed: bool,
@@ -70,6 +73,7 @@ impl BlkQueue {
             memory_gen,
             pending: vec![Pending::default(); depth as usize],
             immediate: Vec::with_capacity(depth as usize),
+            unsignalled: false,
             readable: Vec::with_capacity(MAX_CHAIN),
             writable: Vec::with_capacity(MAX_CHAIN),
             armed: false,
@@ -92,7 +96,6 @@ impl Port for BlkQueue {
         self.refresh_memory();
         // Our own handles (Arc clones) so nothing below borrows `self`.
         let mem = self.memory.mem.clone();
-        // A handle of our own (an Arc clone) so the guard does not borrow `self`.
         let vring_handle = self.vring.clone();
         let mut vring = vring_handle.get_mut();
         let queue = vring.get_queue_mut();
@@ -115,7 +118,6 @@ impl Port for BlkQueue {
             };
             while sq.in_flight() < sq.depth() as usize {
                 let Some(chain) = iter.next() else { break };
-                log::trace!("queue {}: chain {}", self.index, chain.head_index());
                 n += 1;
                 let head = chain.head_index();
                 self.readable.clear();
@@ -181,20 +183,21 @@ impl Port for BlkQueue {
                 }
             }
             self.immediate.clear();
-            notify(&mut vring, &mem, self.index);
+            self.unsignalled = true;
         }
         n
     }
 
     fn complete(&mut self, sq: &mut Submitter) -> usize {
-        // Nothing to reap (most spin rounds): no lock.
-        let Some(first) = sq.reap() else {
+        // Nothing to reap and nothing to signal (most spin rounds): no lock.
+        let first = sq.reap();
+        if first.is_none() && !self.unsignalled {
             return 0;
-        };
+        }
         let mut n = 0;
         let mem = &*self.memory.mem;
         let mut vring = self.vring.get_mut();
-        let mut next = Some(first);
+        let mut next = first;
         while let Some(cqe) = next.take().or_else(|| sq.reap()) {
             let Some(p) = self.pending.get(cqe.cid() as usize).copied() else {
                 continue;
@@ -218,7 +221,8 @@ impl Port for BlkQueue {
             n += 1;
         }
         sq.release_completions();
-        if n > 0 {
+        if n > 0 || self.unsignalled {
+            self.unsignalled = false;
             notify(&mut vring, mem, self.index);
         }
         n

@@ -358,10 +358,6 @@ impl Slots {
     fn release(&mut self, i: u32) {
         self.free.push(i);
     }
-
-    fn capacity(&self) -> usize {
-        self.slots.len()
-    }
 }
 
 /// What to do with a request after one step of it finished with `res` (bytes or -errno).
@@ -789,7 +785,6 @@ impl Drop for PoolQueue {
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
-        let _ = self.slots.capacity();
     }
 }
 

@@ -173,6 +173,53 @@ pub fn errno_status(op: IoOp, errno: i32) -> Status {
     }
 }
 
+/// Runs one request on `q` and waits for it (polling; for the control path, not the data path).
+///
+/// # Safety
+/// As for [`BackendQueue::submit`]; the call returns only after the request completed.
+pub unsafe fn run_one(q: &mut dyn BackendQueue, req: &IoRequest<'_>) -> Status {
+    // SAFETY: forwarded from the caller.
+    match unsafe { q.submit(req) } {
+        Submitted::Done(s) => s,
+        Submitted::Queued => {
+            q.flush();
+            loop {
+                let mut out = None;
+                q.poll(&mut |tag, s| {
+                    if tag == req.tag {
+                        out = Some(s);
+                    }
+                });
+                if let Some(s) = out {
+                    return s;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+        }
+    }
+}
+
+/// Makes every completed write to `backend` durable: a Flush on a queue of its own. Used when
+/// leapd stops.
+pub fn sync(backend: &dyn Backend) -> Result<(), String> {
+    if backend.info().read_only {
+        return Ok(());
+    }
+    let mut q = backend.open_queue(1).map_err(|e| e.to_string())?;
+    let req = IoRequest {
+        tag: 0,
+        op: IoOp::Flush,
+        offset: 0,
+        len: 0,
+        iov: &[],
+    };
+    // SAFETY: a flush carries no buffers.
+    match unsafe { run_one(&mut *q, &req) } {
+        s if s.is_success() => Ok(()),
+        s => Err(format!("flush failed: {s}")),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod testutil {
     use super::*;
@@ -191,22 +238,7 @@ pub(crate) mod testutil {
             len: buf.len() as u64,
             iov: if has_data { &iov } else { &[] },
         };
-        // SAFETY: `buf` outlives the loop below, which waits for the completion.
-        match unsafe { q.submit(&req) } {
-            Submitted::Done(s) => s,
-            Submitted::Queued => {
-                q.flush();
-                let mut out = None;
-                let start = std::time::Instant::now();
-                while out.is_none() {
-                    q.poll(&mut |tag, s| {
-                        assert_eq!(tag, 7);
-                        out = Some(s);
-                    });
-                    assert!(start.elapsed().as_secs() < 10, "back end never completed");
-                }
-                out.unwrap()
-            }
-        }
+        // SAFETY: `buf` outlives the call, which waits for the completion.
+        unsafe { run_one(q, &req) }
     }
 }

@@ -126,14 +126,13 @@ struct RamQueue {
 impl BackendQueue for RamQueue {
     unsafe fn submit(&mut self, req: &IoRequest<'_>) -> Submitted {
         let d = &*self.disk;
-        let Some(end) = req
+        if req
             .offset
             .checked_add(req.len)
-            .filter(|&e| e <= d.info.size)
-        else {
+            .is_none_or(|end| end > d.info.size)
+        {
             return Submitted::Done(Status::LBA_OUT_OF_RANGE);
-        };
-        let _ = end;
+        }
         let mut off = req.offset as usize;
         match req.op {
             IoOp::Read | IoOp::Write { .. } => {
