@@ -68,6 +68,47 @@ impl Namespace {
     }
 }
 
+/// The namespaces commands on a queue pair may address: NSID `k` (1-based) is entry `k - 1`. A
+/// vhost-user disk has one; a `leapd target` subsystem has one per exported disk. Entries may be
+/// empty (an NSID that was detached), so NSIDs never shift.
+#[derive(Clone, Default)]
+pub struct Namespaces {
+    list: Vec<Option<Arc<Namespace>>>,
+}
+
+impl Namespaces {
+    /// NSIDs 1..=n for the given namespaces, in order.
+    pub fn new(list: Vec<Arc<Namespace>>) -> Arc<Self> {
+        Arc::new(Namespaces {
+            list: list.into_iter().map(Some).collect(),
+        })
+    }
+    /// A table with one namespace, NSID 1.
+    pub fn single(ns: Arc<Namespace>) -> Arc<Self> {
+        Self::new(vec![ns])
+    }
+    /// The namespace with this NSID, if it is active.
+    pub fn get(&self, nsid: u32) -> Option<&Arc<Namespace>> {
+        let k = (nsid as usize).checked_sub(1)?;
+        self.list.get(k)?.as_ref()
+    }
+    /// The highest NSID the table can hold (Identify Controller NN).
+    pub fn max_nsid(&self) -> u32 {
+        self.list.len() as u32
+    }
+    /// Active namespaces as (NSID, namespace), in increasing NSID order.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &Arc<Namespace>)> {
+        self.list
+            .iter()
+            .enumerate()
+            .filter_map(|(k, n)| n.as_ref().map(|n| (k as u32 + 1, n)))
+    }
+    /// Number of table slots (active or not); slot `k` is NSID `k + 1`.
+    pub fn slots(&self) -> usize {
+        self.list.len()
+    }
+}
+
 /// Reusable scratch space for one poller: no allocation per command.
 pub struct Scratch {
     iov: Vec<libc::iovec>,
