@@ -19,12 +19,14 @@ pub const NVME_PAGE_SIZE: u64 = 4096;
 /// The most SGL descriptors one command may use, across all segments.
 pub const MAX_SGL_DESCRIPTORS: usize = 512;
 
-/// One namespace (NSID 1) over a back end.
+/// A namespace: a back end seen through NVMe (its size in blocks, whether it is writable).
 pub struct Namespace {
     backend: Arc<dyn Backend>,
     info: DiskInfo,
     shift: u32,
     blocks: u64,
+    /// The back end takes NVMe commands as they are.
+    native: bool,
 }
 
 impl Namespace {
@@ -34,6 +36,7 @@ impl Namespace {
         Arc::new(Namespace {
             shift: info.block_shift(),
             blocks: info.blocks(),
+            native: backend.nvme_native(),
             info,
             backend,
         })
@@ -136,7 +139,14 @@ pub enum Started {
     /// This many back-end operations are in flight for it (tagged with the command id); the
     /// status is an error some of its other operations already failed with, if any.
     Pending(u16, Option<Status>),
+    /// A back-end queue it needs has no room: nothing was started; retry the same command later
+    /// (before any command that arrived after it).
+    Busy,
 }
+
+/// The back-end queues of one queue pair, one per namespace slot (slot `k` is NSID `k + 1`; an
+/// inactive namespace has none).
+pub type BackendQueues = [Option<Box<dyn BackendQueue>>];
 
 /// What the command is, for counting.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -175,32 +185,57 @@ fn addr_status(e: AddrError) -> Status {
     }
 }
 
-/// Starts I/O command `sqe` (whose capsule area is `capsule`) on `bq`.
+/// Starts I/O command `sqe` (whose capsule area is `capsule`) on the queues `bqs` of the
+/// namespaces `nss`.
 ///
 /// # Safety
-/// `aspace` (and the memory it maps) must stay alive until every back-end operation started here
-/// completes: the back end writes into guest memory through the iovecs.
+/// `aspace` (and the memory it maps) and `capsule` must stay alive and in place until every
+/// back-end operation started here completes: the back end reads and writes them through iovecs.
 pub unsafe fn start(
-    ns: &Namespace,
+    nss: &Namespaces,
+    bqs: &mut BackendQueues,
     sqe: &Sqe,
     capsule: &[u8],
     aspace: &AddressSpace,
     scratch: &mut Scratch,
-    bq: &mut dyn BackendQueue,
 ) -> Started {
-    match start_inner(ns, sqe, capsule, aspace, scratch, bq) {
+    match start_inner(nss, bqs, sqe, capsule, aspace, scratch) {
         Ok(s) => s,
         Err(status) => Started::Done(status),
     }
 }
 
+/// The namespace `nsid` names and its back-end queue.
+fn target<'a>(
+    nss: &'a Namespaces,
+    bqs: &'a mut BackendQueues,
+    nsid: u32,
+) -> Result<(&'a Namespace, &'a mut dyn BackendQueue), Status> {
+    let ns = nss.get(nsid).ok_or(Status::INVALID_NAMESPACE)?;
+    let bq = bqs
+        .get_mut(nsid as usize - 1)
+        .and_then(|q| q.as_deref_mut())
+        .ok_or(Status::INVALID_NAMESPACE)?;
+    Ok((ns, bq))
+}
+
+/// Submits one request (the caller checked `room`).
+fn one(bq: &mut dyn BackendQueue, req: IoRequest<'_>) -> Started {
+    // SAFETY: forwarded from `start`'s contract: the iovecs point into `aspace`'s memory or the
+    // command's capsule, which the caller keeps alive until completion.
+    match unsafe { bq.submit(&req) } {
+        Submitted::Done(s) => Started::Done(s),
+        Submitted::Queued => Started::Pending(1, None),
+    }
+}
+
 fn start_inner(
-    ns: &Namespace,
+    nss: &Namespaces,
+    bqs: &mut BackendQueues,
     sqe: &Sqe,
     capsule: &[u8],
     aspace: &AddressSpace,
     scratch: &mut Scratch,
-    bq: &mut dyn BackendQueue,
 ) -> Result<Started, Status> {
     let opcode = sqe.opcode();
     let nsid = sqe.nsid();
@@ -208,32 +243,53 @@ fn start_inner(
         return Err(Status::INVALID_FIELD);
     }
     let tag = sqe.cid() as u64;
-    let one = |bq: &mut dyn BackendQueue, req: IoRequest<'_>| {
-        // SAFETY: forwarded from `start`'s contract: the iovecs point into `aspace`'s memory,
-        // which the caller keeps alive until completion.
-        match unsafe { bq.submit(&req) } {
-            Submitted::Done(s) => Started::Done(s),
-            Submitted::Queued => Started::Pending(1, None),
-        }
-    };
     match opcode {
-        io::FLUSH => {
-            if nsid != 1 && nsid != 0xffff_ffff {
-                return Err(Status::INVALID_NAMESPACE);
+        io::FLUSH if nsid == 0xffff_ffff => {
+            // Every namespace (NVM Command Set 1.0, 3.2.1): all queues must have room first.
+            if bqs.iter().flatten().any(|q| q.room() == 0) {
+                return Ok(Started::Busy);
             }
-            Ok(one(
-                bq,
-                IoRequest {
+            let mut pending = 0u16;
+            let mut first_err = None;
+            for (k, q) in bqs.iter_mut().enumerate() {
+                let (Some(q), Some(ns)) = (q.as_deref_mut(), nss.get(k as u32 + 1)) else {
+                    continue;
+                };
+                let mut cmd = *sqe;
+                cmd.set_nsid(k as u32 + 1);
+                let req = IoRequest {
                     tag,
                     op: IoOp::Flush,
                     offset: 0,
                     len: 0,
                     iov: &[],
-                },
-            ))
+                    cmd: ns.native.then_some(&cmd),
+                };
+                match one(q, req) {
+                    Started::Pending(n, _) => pending += n,
+                    Started::Done(s) if !s.is_success() => first_err = first_err.or(Some(s)),
+                    _ => {}
+                }
+            }
+            Ok(settle(pending, first_err))
+        }
+        io::FLUSH => {
+            let (ns, bq) = target(nss, bqs, nsid)?;
+            if bq.room() == 0 {
+                return Ok(Started::Busy);
+            }
+            let req = IoRequest {
+                tag,
+                op: IoOp::Flush,
+                offset: 0,
+                len: 0,
+                iov: &[],
+                cmd: ns.native.then_some(sqe),
+            };
+            Ok(one(bq, req))
         }
         io::READ | io::WRITE => {
-            check_nsid(nsid)?;
+            let (ns, bq) = target(nss, bqs, nsid)?;
             let (offset, len) = ns.range(sqe.slba(), sqe.nlb() as u64)?;
             let op = if opcode == io::READ {
                 IoOp::Read
@@ -241,59 +297,55 @@ fn start_inner(
                 ns.writable()?;
                 IoOp::Write { fua: sqe.fua() }
             };
+            if bq.room() == 0 {
+                return Ok(Started::Busy);
+            }
             scratch.iov.clear();
             let iov = &mut scratch.iov;
             data_segments(sqe, capsule, aspace, len, |d| match d {
-                Data::Guest(addr, l) => {
-                    aspace
-                        .translate(addr, l, MAX_IOVECS - iov.len(), |p| {
-                            iov.push(libc::iovec {
-                                iov_base: p.host as *mut _,
-                                iov_len: p.len,
-                            })
-                        })
-                        .map_err(addr_status)?;
-                    Ok(())
-                }
+                Data::Guest(addr, l) => push_guest(aspace, iov, addr, l),
                 // Read and Write data lives in guest memory, never in the capsule.
                 Data::Capsule(..) => Err(Status::SGL_TYPE_INVALID),
             })?;
-            Ok(one(
-                bq,
-                IoRequest {
-                    tag,
-                    op,
-                    offset,
-                    len,
-                    iov: &scratch.iov,
-                },
-            ))
+            let req = IoRequest {
+                tag,
+                op,
+                offset,
+                len,
+                iov: &scratch.iov,
+                cmd: ns.native.then_some(sqe),
+            };
+            Ok(one(bq, req))
         }
         io::WRITE_ZEROES => {
-            check_nsid(nsid)?;
+            let (ns, bq) = target(nss, bqs, nsid)?;
             ns.writable()?;
             let (offset, len) = ns.range(sqe.slba(), sqe.nlb() as u64)?;
-            Ok(one(
-                bq,
-                IoRequest {
-                    tag,
-                    op: IoOp::WriteZeroes { unmap: sqe.deac() },
-                    offset,
-                    len,
-                    iov: &[],
-                },
-            ))
+            if bq.room() == 0 {
+                return Ok(Started::Busy);
+            }
+            let req = IoRequest {
+                tag,
+                op: IoOp::WriteZeroes { unmap: sqe.deac() },
+                offset,
+                len,
+                iov: &[],
+                cmd: ns.native.then_some(sqe),
+            };
+            Ok(one(bq, req))
         }
         io::DATASET_MANAGEMENT => {
-            check_nsid(nsid)?;
+            let (ns, bq) = target(nss, bqs, nsid)?;
             let nr = (sqe.cdw(10) & 0xff) as usize + 1;
-            if sqe.cdw(11) & DSM_ATTR_DEALLOCATE == 0 {
+            if sqe.cdw(11) & DSM_ATTR_DEALLOCATE == 0 && !ns.native {
                 // Only hints (integral read/write): nothing to do.
                 return Ok(Started::Done(Status::SUCCESS));
             }
             ns.writable()?;
             let want = (nr * 16) as u64;
             let buf = &mut scratch.ranges[..nr * 16];
+            let iov = &mut scratch.iov;
+            iov.clear();
             let mut filled = 0usize;
             data_segments(sqe, capsule, aspace, want, |d| {
                 let l = match d {
@@ -303,22 +355,57 @@ fn start_inner(
                     .get_mut(filled..filled + l)
                     .ok_or(Status::SGL_LENGTH_INVALID)?;
                 match d {
-                    Data::Guest(addr, _) => aspace.read(addr, dst).map_err(addr_status)?,
+                    Data::Guest(addr, _) => {
+                        aspace.read(addr, dst).map_err(addr_status)?;
+                        if ns.native {
+                            push_guest(aspace, iov, addr, l as u64)?;
+                        }
+                    }
                     Data::Capsule(off, _) => {
                         let o = usize::try_from(off).map_err(|_| Status::SGL_OFFSET_INVALID)?;
                         let src = capsule
                             .get(o..o.saturating_add(l))
                             .ok_or(Status::SGL_OFFSET_INVALID)?;
                         dst.copy_from_slice(src);
+                        if ns.native {
+                            if iov.len() == MAX_IOVECS {
+                                return Err(Status::INVALID_SGL_COUNT);
+                            }
+                            // The back end only reads it (host-to-controller data).
+                            iov.push(libc::iovec {
+                                iov_base: src.as_ptr() as *mut _,
+                                iov_len: l,
+                            });
+                        }
                     }
                 }
                 filled += l;
                 Ok(())
             })?;
             // Check every range before starting any, so a bad list changes nothing.
+            let mut ops = 0usize;
             for chunk in buf.chunks_exact(16) {
                 let r = DsmRange::from_bytes(chunk.try_into().expect("16-byte chunk"));
                 ns.range(r.slba(), r.nlb() as u64)?;
+                ops += (r.nlb() != 0) as usize;
+            }
+            if ns.native {
+                // One command carries the whole list to a back end that speaks NVMe.
+                if bq.room() == 0 {
+                    return Ok(Started::Busy);
+                }
+                let req = IoRequest {
+                    tag,
+                    op: IoOp::Discard,
+                    offset: 0,
+                    len: want,
+                    iov: &scratch.iov,
+                    cmd: Some(sqe),
+                };
+                return Ok(one(bq, req));
+            }
+            if bq.room() < ops {
+                return Ok(Started::Busy);
             }
             let mut pending = 0u16;
             let mut first_err = None;
@@ -331,37 +418,51 @@ fn start_inner(
                     continue;
                 }
                 let (offset, len) = ns.range(r.slba(), r.nlb() as u64)?;
-                match one(
-                    bq,
-                    IoRequest {
-                        tag,
-                        op: IoOp::Discard,
-                        offset,
-                        len,
-                        iov: &[],
-                    },
-                ) {
+                let req = IoRequest {
+                    tag,
+                    op: IoOp::Discard,
+                    offset,
+                    len,
+                    iov: &[],
+                    cmd: None,
+                };
+                match one(bq, req) {
                     Started::Pending(n, _) => pending += n,
                     Started::Done(s) if !s.is_success() => first_err = first_err.or(Some(s)),
-                    Started::Done(_) => {}
+                    _ => {}
                 }
             }
-            match (pending, first_err) {
-                (0, Some(s)) => Ok(Started::Done(s)),
-                (0, None) => Ok(Started::Done(Status::SUCCESS)),
-                (n, err) => Ok(Started::Pending(n, err)),
-            }
+            Ok(settle(pending, first_err))
         }
         _ => Err(Status::INVALID_OPCODE),
     }
 }
 
-fn check_nsid(nsid: u32) -> Result<(), Status> {
-    if nsid == 1 {
-        Ok(())
-    } else {
-        Err(Status::INVALID_NAMESPACE)
+/// The outcome of a command split into several back-end operations.
+fn settle(pending: u16, first_err: Option<Status>) -> Started {
+    match (pending, first_err) {
+        (0, Some(s)) => Started::Done(s),
+        (0, None) => Started::Done(Status::SUCCESS),
+        (n, err) => Started::Pending(n, err),
     }
+}
+
+/// Appends the host pieces of guest range `addr .. addr + len` to `iov`.
+fn push_guest(
+    aspace: &AddressSpace,
+    iov: &mut Vec<libc::iovec>,
+    addr: u64,
+    len: u64,
+) -> Result<(), Status> {
+    aspace
+        .translate(addr, len, MAX_IOVECS - iov.len(), |p| {
+            iov.push(libc::iovec {
+                iov_base: p.host as *mut _,
+                iov_len: p.len,
+            })
+        })
+        .map_err(addr_status)?;
+    Ok(())
 }
 
 /// A piece of a command's data: guest memory, or bytes of the command's capsule.
@@ -445,9 +546,10 @@ mod tests {
 
     struct Fixture {
         ns: Arc<Namespace>,
+        nss: Arc<Namespaces>,
         mem: Vec<u8>,
         scratch: Scratch,
-        bq: Box<dyn BackendQueue>,
+        bqs: Vec<Option<Box<dyn BackendQueue>>>,
     }
 
     impl Fixture {
@@ -465,10 +567,11 @@ mod tests {
                 ns
             };
             Fixture {
+                nss: Namespaces::single(ns.clone()),
                 ns,
                 mem: vec![0; 64 << 10],
                 scratch: Scratch::default(),
-                bq,
+                bqs: vec![Some(bq)],
             }
         }
         fn aspace(&mut self) -> AddressSpace {
@@ -487,9 +590,18 @@ mod tests {
         fn run(&mut self, sqe: &Sqe, capsule: &[u8]) -> Status {
             let a = self.aspace();
             // SAFETY: `self.mem` outlives the call; the RAM back end finishes inside `submit`.
-            match unsafe { start(&self.ns, sqe, capsule, &a, &mut self.scratch, &mut *self.bq) } {
+            match unsafe {
+                start(
+                    &self.nss,
+                    &mut self.bqs,
+                    sqe,
+                    capsule,
+                    &a,
+                    &mut self.scratch,
+                )
+            } {
                 Started::Done(s) => s,
-                Started::Pending(n, _) => panic!("RAM back end left {n} operations pending"),
+                other => panic!("RAM back end did not finish at once: {other:?}"),
             }
         }
     }

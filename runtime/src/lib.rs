@@ -9,11 +9,13 @@ pub mod addr;
 pub mod backend;
 mod eventfd;
 pub mod exec;
+mod notify;
 pub mod poller;
 pub mod ratelimit;
 pub mod stats;
 
 pub use addr::{AddrError, AddressSpace, Piece, Region};
-pub use exec::Namespace;
+pub use exec::{Namespace, Namespaces};
+pub use notify::Notifier;
 pub use poller::{PairId, Poller, PollerConfig, PollerError, PollerStats, Port, Waker};
 pub use stats::{DeviceIoStats, IoStats};

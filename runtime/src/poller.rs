@@ -9,9 +9,10 @@
 
 use crate::addr::AddressSpace;
 use crate::backend::BackendQueue;
-use crate::exec::{self, Kind, Namespace, Scratch, Started};
+use crate::exec::{self, Kind, Namespaces, Scratch, Started};
 use crate::stats::{self, IoStats};
-use leap_queues::{queue_pair, Processor, Status, Submitter};
+use leap_queues::{queue_pair, Processor, Sqe, Status, Submitter};
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -149,6 +150,8 @@ struct Cmd {
     status: Option<Status>,
     kind: Kind,
     bytes: u64,
+    /// The command, kept while it waits for back-end room.
+    sqe: Sqe,
 }
 
 struct Pair {
@@ -156,9 +159,12 @@ struct Pair {
     port: Box<dyn Port>,
     sq: Submitter,
     proc: Processor,
-    bq: Box<dyn BackendQueue>,
-    ns: Arc<Namespace>,
+    /// One back-end queue per namespace slot.
+    bqs: Vec<Option<Box<dyn BackendQueue>>>,
+    nss: Arc<Namespaces>,
     cmds: Vec<Cmd>,
+    /// Commands a back end had no room for, oldest first: retried before any newer command.
+    held: VecDeque<u16>,
     stats: Arc<IoStats>,
     /// Address spaces replaced while I/O was in flight, kept mapped until it drains.
     retired: Vec<Arc<AddressSpace>>,
@@ -226,11 +232,12 @@ impl Poller {
     }
 
     /// Attaches a front end to this poller on a new queue pair of `depth` entries whose commands
-    /// carry `capsule_bytes` of SGL descriptors or range data each. I/O goes to `ns`.
+    /// carry `capsule_bytes` of SGL descriptors or range data each. I/O goes to the namespaces
+    /// `nss` (each gets a back-end queue of its own on this poller).
     pub fn attach(
         &self,
         port: Box<dyn Port>,
-        ns: Arc<Namespace>,
+        nss: Arc<Namespaces>,
         depth: u16,
         capsule_bytes: usize,
         stats: Arc<IoStats>,
@@ -238,7 +245,13 @@ impl Poller {
         if !(2..=4096).contains(&depth) {
             return Err(PollerError::Invalid("queue depth must be 2..=4096"));
         }
-        let bq = ns.backend().open_queue(depth as usize)?;
+        let mut bqs = Vec::with_capacity(nss.slots());
+        for k in 0..nss.slots() {
+            bqs.push(match nss.get(k as u32 + 1) {
+                Some(ns) => Some(ns.backend().open_queue(depth as usize)?),
+                None => None,
+            });
+        }
         let (sq, proc) = queue_pair(depth, capsule_bytes);
         let id = PairId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let current = port.address_space().clone();
@@ -247,9 +260,10 @@ impl Poller {
             port,
             sq,
             proc,
-            bq,
-            ns,
+            bqs,
+            nss,
             cmds: vec![Cmd::default(); depth as usize],
+            held: VecDeque::with_capacity(depth as usize),
             stats,
             retired: Vec::new(),
             current,
@@ -397,7 +411,7 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
         if shared.stop.load(Ordering::Acquire) {
             // Finish what is in flight, then drop everything (ports complete nothing more).
             for p in pairs.iter_mut() {
-                while p.bq.in_flight() > 0 {
+                while p.in_flight() > 0 || !p.held.is_empty() {
                     round(p, &mut scratch, &shared.stats, false);
                 }
                 round(p, &mut scratch, &shared.stats, false);
@@ -413,7 +427,7 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
         let mut k = 0;
         while k < pairs.len() {
             let p = &pairs[k];
-            if p.draining.is_some() && p.bq.in_flight() == 0 && p.sq.in_flight() == 0 {
+            if p.draining.is_some() && p.in_flight() == 0 && p.sq.in_flight() == 0 {
                 let mut p = pairs.swap_remove(k);
                 let tx = p.draining.take().expect("checked draining");
                 let _ = tx.send(p.port);
@@ -445,7 +459,9 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
         crate::eventfd::drain(wake_fd);
         let mut raced = false;
         for p in pairs.iter_mut() {
-            raced |= p.bq.clear_wake();
+            for q in p.bqs.iter_mut().flatten() {
+                raced |= q.clear_wake();
+            }
             raced |= p.port.arm();
         }
         if raced || shared.ctl_pending.load(Ordering::SeqCst) || shared.stop.load(Ordering::SeqCst)
@@ -464,7 +480,8 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
             revents: 0,
         });
         for p in pairs.iter() {
-            for fd in [p.bq.wake_fd(), p.port.wake_fd()].into_iter().flatten() {
+            let bq_fds = p.bqs.iter().flatten().map(|q| q.wake_fd());
+            for fd in bq_fds.chain([p.port.wake_fd()]).flatten() {
                 pollfds.push(libc::pollfd {
                     fd,
                     events: libc::POLLIN,
@@ -487,6 +504,43 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
     }
 }
 
+impl Pair {
+    /// Back-end operations in flight, over all namespaces.
+    fn in_flight(&self) -> usize {
+        self.bqs.iter().flatten().map(|q| q.in_flight()).sum()
+    }
+
+    /// Starts command `cid` (its SQE is in `cmds`). Returns false if a back end had no room:
+    /// nothing was started and the command must wait.
+    fn start(&mut self, cid: u16, scratch: &mut Scratch) -> bool {
+        let sqe = self.cmds[cid as usize].sqe;
+        let capsule = self.proc.capsule(cid).unwrap_or(&[]);
+        // SAFETY: `self.current` (and any address space retired while I/O is in flight) stays
+        // alive until the back ends have nothing in flight (see `retired` in `round`); the
+        // capsule belongs to `cid` in the queue pair until the command is completed below.
+        let started = unsafe {
+            exec::start(
+                &self.nss,
+                &mut self.bqs,
+                &sqe,
+                capsule,
+                &self.current,
+                scratch,
+            )
+        };
+        match started {
+            Started::Busy => return false,
+            Started::Done(status) => finish(self, cid, status),
+            Started::Pending(n, err) => {
+                let c = &mut self.cmds[cid as usize];
+                c.pending = n;
+                c.status = err;
+            }
+        }
+        true
+    }
+}
+
 /// One poll round over one pair. Returns the amount of work done.
 fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bool) -> usize {
     let mut work = 0;
@@ -496,21 +550,31 @@ fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bo
         let cur = p.port.address_space();
         if !Arc::ptr_eq(cur, &p.current) {
             let old = std::mem::replace(&mut p.current, cur.clone());
-            if p.bq.in_flight() > 0 {
+            if p.in_flight() > 0 || !p.held.is_empty() {
                 p.retired.push(old);
             }
         }
         work += p.port.submit(&mut p.sq);
         p.sq.publish();
     }
-    if p.bq.in_flight() == 0 && !p.retired.is_empty() {
+    if p.in_flight() == 0 && p.held.is_empty() && !p.retired.is_empty() {
         p.retired.clear();
     }
-    while let Some(cmd) = p.proc.pop() {
+    // Commands that waited for back-end room go first, in order; while any still waits, newer
+    // commands wait behind it.
+    while let Some(&cid) = p.held.front() {
+        if !p.start(cid, scratch) {
+            break;
+        }
+        p.held.pop_front();
+        work += 1;
+    }
+    while p.held.is_empty() {
+        let Some(cmd) = p.proc.pop() else { break };
         work += 1;
         let sqe = cmd.sqe;
         let cid = sqe.cid();
-        let Some(slot) = p.cmds.get_mut(cid as usize) else {
+        if cid as usize >= p.cmds.len() {
             // The in-process pair hands out only cids below its depth; anything else is a bug in
             // it, not a guest's doing. Never index with it.
             crate::log_limited!(
@@ -518,50 +582,47 @@ fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bo
                 "queue pair produced out-of-range cid {cid}"
             );
             continue;
-        };
-        let kind = exec::kind(sqe.opcode());
-        *slot = Cmd {
+        }
+        let shift = p
+            .nss
+            .get(sqe.nsid())
+            .map_or(0, |ns| ns.info().block_shift());
+        p.cmds[cid as usize] = Cmd {
             pending: 0,
             status: None,
-            kind,
-            bytes: (sqe.nlb() as u64) << p.ns.info().block_shift(),
+            kind: exec::kind(sqe.opcode()),
+            bytes: (sqe.nlb() as u64) << shift,
+            sqe,
         };
-        let capsule = p.proc.capsule(cid).unwrap_or(&[]);
-        // SAFETY: `p.current` (and any address space retired while I/O is in flight) stays alive
-        // until `p.bq.in_flight()` drops to zero; see the `retired` handling above.
-        let started = unsafe { exec::start(&p.ns, &sqe, capsule, &p.current, scratch, &mut *p.bq) };
-        match started {
-            Started::Done(status) => finish(p, cid, status),
-            Started::Pending(n, err) => {
-                let c = &mut p.cmds[cid as usize];
-                c.pending = n;
-                c.status = err;
-            }
+        if !p.start(cid, scratch) {
+            p.held.push_back(cid);
         }
     }
-    p.bq.flush();
     let Pair {
-        bq,
+        bqs,
         cmds,
         proc,
         stats,
         ..
     } = p;
-    work += bq.poll(&mut |tag, status| {
-        let cid = tag as u16;
-        let Some(c) = cmds.get_mut(cid as usize) else {
-            return;
-        };
-        if !status.is_success() && c.status.is_none() {
-            c.status = Some(status);
-        }
-        c.pending = c.pending.saturating_sub(1);
-        if c.pending == 0 {
-            let st = c.status.unwrap_or(Status::SUCCESS);
-            count(stats, c, st);
-            let _ = proc.complete(cid, st, 0);
-        }
-    });
+    for bq in bqs.iter_mut().flatten() {
+        bq.flush();
+        work += bq.poll(&mut |tag, status| {
+            let cid = tag as u16;
+            let Some(c) = cmds.get_mut(cid as usize) else {
+                return;
+            };
+            if !status.is_success() && c.status.is_none() {
+                c.status = Some(status);
+            }
+            c.pending = c.pending.saturating_sub(1);
+            if c.pending == 0 {
+                let st = c.status.unwrap_or(Status::SUCCESS);
+                count(stats, c, st);
+                let _ = proc.complete(cid, st, 0);
+            }
+        });
+    }
     p.proc.publish();
     let done = p.port.complete(&mut p.sq);
     pstats.completed.fetch_add(done as u64, Ordering::Relaxed);
@@ -671,6 +732,186 @@ mod tests {
         }
     }
 
+    /// An NVMe-native back end that takes at most `room` commands at a time, completes one per
+    /// poll, and answers every third command with a vendor status the front end must see as is.
+    struct TightBackend {
+        info: crate::backend::DiskInfo,
+        seen: Arc<Mutex<Vec<u32>>>,
+    }
+
+    struct TightQueue {
+        room: usize,
+        queued: VecDeque<(u64, u32)>,
+        seen: Arc<Mutex<Vec<u32>>>,
+        wake: OwnedFd,
+    }
+
+    const ODD_STATUS: Status =
+        Status::new(leap_queues::nvme::StatusCodeType::Vendor, 0x42).with_crd(1);
+
+    impl crate::backend::Backend for TightBackend {
+        fn info(&self) -> &crate::backend::DiskInfo {
+            &self.info
+        }
+        fn open_queue(
+            &self,
+            _depth: usize,
+        ) -> Result<Box<dyn BackendQueue>, crate::backend::BackendError> {
+            Ok(Box::new(TightQueue {
+                room: 2,
+                queued: VecDeque::new(),
+                seen: self.seen.clone(),
+                wake: crate::eventfd::new().unwrap(),
+            }))
+        }
+        fn kind(&self) -> &'static str {
+            "tight"
+        }
+        fn nvme_native(&self) -> bool {
+            true
+        }
+    }
+
+    impl BackendQueue for TightQueue {
+        fn room(&self) -> usize {
+            self.room - self.queued.len()
+        }
+        unsafe fn submit(
+            &mut self,
+            req: &crate::backend::IoRequest<'_>,
+        ) -> crate::backend::Submitted {
+            assert!(self.room() > 0, "submit without room");
+            let seq = req.cmd.expect("a native back end gets the command").cdw(2);
+            self.seen.lock().unwrap().push(seq);
+            self.queued.push_back((req.tag, seq));
+            crate::eventfd::signal(self.wake.as_raw_fd());
+            crate::backend::Submitted::Queued
+        }
+        fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
+            match self.queued.pop_front() {
+                Some((tag, seq)) => {
+                    done(
+                        tag,
+                        if seq % 3 == 0 {
+                            ODD_STATUS
+                        } else {
+                            Status::SUCCESS
+                        },
+                    );
+                    1
+                }
+                None => 0,
+            }
+        }
+        fn in_flight(&self) -> usize {
+            self.queued.len()
+        }
+        fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+            Some(self.wake.as_raw_fd())
+        }
+        fn clear_wake(&mut self) -> bool {
+            crate::eventfd::drain(self.wake.as_raw_fd());
+            !self.queued.is_empty()
+        }
+    }
+
+    /// Sends `total` flushes numbered in CDW2 and records each completion's status by number.
+    struct SeqPort {
+        aspace: Arc<AddressSpace>,
+        next: u32,
+        total: u32,
+        by_cid: Vec<u32>,
+        statuses: Arc<Mutex<Vec<(u32, Status)>>>,
+    }
+
+    impl Port for SeqPort {
+        fn submit(&mut self, sq: &mut Submitter) -> usize {
+            let mut n = 0;
+            while self.next < self.total {
+                let seq = self.next;
+                let Ok(cid) = sq.submit_with(|cid, sqe, _| {
+                    *sqe = Sqe::new(io::FLUSH, cid);
+                    sqe.set_nsid(1);
+                    sqe.set_cdw(2, seq);
+                    Ok::<(), ()>(())
+                }) else {
+                    break;
+                };
+                self.by_cid[cid as usize] = seq;
+                self.next += 1;
+                n += 1;
+            }
+            n
+        }
+        fn complete(&mut self, sq: &mut Submitter) -> usize {
+            let mut n = 0;
+            while let Some(c) = sq.reap() {
+                let seq = self.by_cid[c.cid() as usize];
+                self.statuses.lock().unwrap().push((seq, c.status()));
+                n += 1;
+            }
+            sq.release_completions();
+            n
+        }
+        fn arm(&mut self) -> bool {
+            false
+        }
+        fn disarm(&mut self) {}
+        fn address_space(&self) -> &Arc<AddressSpace> {
+            &self.aspace
+        }
+    }
+
+    #[test]
+    fn full_back_end_holds_commands_in_order_and_statuses_pass_through() {
+        let poller = Poller::spawn(PollerConfig::default()).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let backend = TightBackend {
+            info: crate::backend::DiskInfo {
+                size: 1 << 20,
+                block_size: 512,
+                read_only: false,
+                discard: false,
+                write_zeroes: false,
+                volatile_cache: true,
+                serial: "tight".into(),
+            },
+            seen: seen.clone(),
+        };
+        let nss = Namespaces::single(crate::Namespace::new(Arc::new(backend)));
+        let statuses = Arc::new(Mutex::new(Vec::new()));
+        let total = 500;
+        let port = SeqPort {
+            aspace: Arc::new(AddressSpace::empty()),
+            next: 0,
+            total,
+            by_cid: vec![0; 32],
+            statuses: statuses.clone(),
+        };
+        // A queue pair 16 deep over a back end that takes 2 at a time.
+        let stats = Arc::new(IoStats::default());
+        poller.attach(Box::new(port), nss, 32, 64, stats).unwrap();
+        let t = Instant::now();
+        while statuses.lock().unwrap().len() < total as usize {
+            assert!(t.elapsed() < Duration::from_secs(20), "commands stalled");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            (0..total).collect::<Vec<_>>(),
+            "held commands reach the back end once each, in arrival order"
+        );
+        for &(seq, st) in statuses.lock().unwrap().iter() {
+            let want = if seq % 3 == 0 {
+                ODD_STATUS
+            } else {
+                Status::SUCCESS
+            };
+            assert_eq!(st, want, "command {seq}: the back end's status, unchanged");
+        }
+    }
+
     #[test]
     fn idle_spin_shrinks_for_sparse_work_and_recovers_for_dense() {
         let max = Duration::from_micros(50);
@@ -696,7 +937,10 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let ns = Namespace::new(Arc::new(NullBackend::new(1 << 20, 512)));
+        let ns = Namespaces::single(crate::Namespace::new(Arc::new(NullBackend::new(
+            1 << 20,
+            512,
+        ))));
         let done = Arc::new(AtomicUsize::new(0));
         let failed = Arc::new(AtomicUsize::new(0));
         let port = FlushPort {

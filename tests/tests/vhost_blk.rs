@@ -89,7 +89,7 @@ fn negotiates_features_and_config() {
     let s = TestServer::start(ram(64 * MIB, 4096), 2, 1);
     let d = connect(&s, 2, true);
     let f = d.acked_features();
-    for bit in [32u32, 29, 1, 2, 6, 9, 11, 12, 13, 14] {
+    for bit in [32u32, 29, 1, 2, 6, 9, 12, 13, 14] {
         assert!(
             f & (1 << bit) != 0,
             "feature bit {bit} not negotiated (acked {f:#x})"
@@ -100,8 +100,29 @@ fn negotiates_features_and_config() {
     assert_eq!(c.capacity, 64 * MIB / 512);
     assert_eq!(c.blk_size, 4096);
     assert_eq!(c.num_queues, 2);
+    // RAM has no volatile cache: write-through, and the guest cannot switch it.
+    assert!(f & (1 << 11) == 0, "CONFIG_WCE offered without a cache");
     assert!(
-        c.writeback,
+        !c.writeback,
+        "a disk without a volatile cache is write-through"
+    );
+    // A file has one (the page cache): write-back by default, so guests send FLUSH.
+    let dir = tempfile::tempdir().unwrap();
+    let file: Arc<dyn Backend> = Arc::new(
+        FileBackend::open(&FileOptions {
+            path: dir.path().join("wce.img"),
+            size: Some(MIB),
+            direct: false,
+            read_only: false,
+            block_size: 512,
+        })
+        .unwrap(),
+    );
+    let sf = TestServer::start(file, 1, 1);
+    let df = connect(&sf, 1, true);
+    assert!(df.acked_features() & (1 << 11) != 0, "CONFIG_WCE offered");
+    assert!(
+        df.config().unwrap().writeback,
         "write-back cache by default, so guests send FLUSH"
     );
     assert!(c.seg_max >= 32 && c.size_max >= 4096);

@@ -4,7 +4,7 @@
 use crate::config::{feature, BlkConfig, CONFIG_SIZE, WRITEBACK_OFFSET};
 use crate::queue::BlkQueue;
 use crate::stats::VhostStats;
-use leap_runtime::{AddressSpace, DeviceIoStats, Namespace, PairId, Poller, Region};
+use leap_runtime::{AddressSpace, DeviceIoStats, Namespace, Namespaces, PairId, Poller, Region};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -51,6 +51,12 @@ pub(crate) struct DiskShape {
     pub sectors: u64,
     pub block_size: u32,
     pub read_only: bool,
+    /// The back end deallocates (DISCARD is offered).
+    pub discard: bool,
+    /// The back end zeroes ranges (WRITE_ZEROES is offered).
+    pub write_zeroes: bool,
+    /// Completed writes may sit in a volatile cache: CONFIG_WCE is offered and FLUSH matters.
+    pub volatile_cache: bool,
     pub serial: String,
     pub max_discard_seg: u32,
 }
@@ -101,13 +107,16 @@ pub struct DeviceContext {
     /// NVMe I/O counters (kept across connections).
     pub io_stats: Arc<DeviceIoStats>,
     /// The cache mode each connection starts with (a new connection is a device reset): write-back
-    /// (true) so guests send FLUSH.
+    /// (true) so guests send FLUSH. Only meaningful when the back end has a volatile cache; a
+    /// disk without one is always write-through.
     pub writeback: bool,
 }
 
 /// A vhost-user-blk device for one connection.
 pub struct BlkDevice {
     ctx: DeviceContext,
+    /// The one namespace (NSID 1) every queue's commands go to.
+    nss: Arc<Namespaces>,
     shared: Arc<Shared>,
     pairs: Mutex<Vec<Option<(usize, PairId)>>>,
     exit: Vec<(Mutex<Option<EventConsumer>>, EventNotifier)>,
@@ -122,10 +131,13 @@ impl BlkDevice {
                 sectors: info.size >> 9,
                 block_size: info.block_size,
                 read_only: info.read_only,
+                discard: info.discard,
+                write_zeroes: info.write_zeroes,
+                volatile_cache: info.volatile_cache,
                 serial: info.serial.clone(),
                 max_discard_seg: ctx.config.max_discard_seg.min(256),
             },
-            writeback: AtomicBool::new(ctx.writeback),
+            writeback: AtomicBool::new(ctx.writeback && info.volatile_cache),
             stats: ctx.stats.clone(),
             memory: Mutex::new(Memory {
                 mem: Arc::new(GuestMemoryMmap::new()),
@@ -138,6 +150,7 @@ impl BlkDevice {
         let exit = vec![(Mutex::new(Some(c)), n)];
         let n = ctx.config.num_queues as usize;
         Ok(Arc::new(BlkDevice {
+            nss: Namespaces::single(ctx.ns.clone()),
             ctx,
             shared,
             pairs: Mutex::new(vec![None; n]),
@@ -168,7 +181,7 @@ impl BlkDevice {
             // One NVMe Write Zeroes command covers at most 65536 blocks.
             max_write_zeroes_sectors: 65536 * block_sectors,
             max_write_zeroes_seg: 1,
-            write_zeroes_may_unmap: true,
+            write_zeroes_may_unmap: s.discard,
             ..BlkConfig::default()
         }
     }
@@ -192,7 +205,7 @@ impl BlkDevice {
         let pi = q % self.ctx.pollers.len();
         match self.ctx.pollers[pi].attach(
             Box::new(port),
-            self.ctx.ns.clone(),
+            self.nss.clone(),
             depth,
             self.capsule_bytes(),
             self.ctx.io_stats.queue(q),
@@ -256,12 +269,21 @@ impl VhostUserBackend for BlkDevice {
             | 1 << feature::SEG_MAX
             | 1 << feature::BLK_SIZE
             | 1 << feature::FLUSH
-            | 1 << feature::CONFIG_WCE
             | 1 << feature::MQ;
-        if self.shared.shape.read_only {
+        // Offer what the back end can do (DiskInfo), nothing more.
+        let s = &self.shared.shape;
+        if s.volatile_cache {
+            f |= 1 << feature::CONFIG_WCE;
+        }
+        if s.read_only {
             f |= 1 << feature::RO;
         } else {
-            f |= 1 << feature::DISCARD | 1 << feature::WRITE_ZEROES;
+            if s.discard {
+                f |= 1 << feature::DISCARD;
+            }
+            if s.write_zeroes {
+                f |= 1 << feature::WRITE_ZEROES;
+            }
         }
         f
     }
@@ -288,7 +310,8 @@ impl VhostUserBackend for BlkDevice {
     fn set_config(&self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
         // Only the writeback byte is writable (virtio 1.2, 5.2.4 with CONFIG_WCE).
         let off = offset as usize;
-        if off <= WRITEBACK_OFFSET
+        if self.shared.shape.volatile_cache
+            && off <= WRITEBACK_OFFSET
             && WRITEBACK_OFFSET < off.saturating_add(buf.len())
             && off < CONFIG_SIZE
         {

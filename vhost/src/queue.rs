@@ -396,6 +396,10 @@ impl BlkQueue {
             }
             req_type::DISCARD | req_type::WRITE_ZEROES => {
                 let discard = rtype == req_type::DISCARD;
+                if discard && !shape.discard || !discard && !shape.write_zeroes {
+                    // Not offered: the back end cannot do it.
+                    return Err(Reject(status::UNSUPP, Malformed::Unsupported));
+                }
                 if shape.read_only {
                     return Err(Reject(status::IOERR, Malformed::ReadOnly));
                 }

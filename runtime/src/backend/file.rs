@@ -19,7 +19,7 @@ use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 /// How to open a file or block device.
@@ -56,6 +56,9 @@ pub struct FileBackend {
     engine: Engine,
     /// Cleared once the file system refuses `FALLOC_FL_ZERO_RANGE`.
     zero_range: AtomicBool,
+    /// Transfers that could not use `O_DIRECT` (unaligned buffers, or refused by the kernel)
+    /// and went through the page cache: counted, and logged once per disk.
+    fallbacks: AtomicU64,
 }
 
 fn io_err(what: &'static str, path: &Path, source: std::io::Error) -> BackendError {
@@ -212,6 +215,7 @@ impl FileBackend {
             dio_align,
             engine,
             zero_range: AtomicBool::new(true),
+            fallbacks: AtomicU64::new(0),
         }))
     }
 
@@ -234,10 +238,29 @@ impl FileBackend {
                     .iter()
                     .all(|v| (v.iov_base as usize) % a == 0 && v.iov_len % a == 0);
             if !aligned {
+                self.fell_back("buffers not aligned to {a} bytes");
                 return b.as_raw_fd();
             }
         }
         self.fd.as_raw_fd()
+    }
+
+    /// Counts a transfer that went through the page cache although `direct=on`; the first one
+    /// per disk is logged (a guest or bench whose every request falls back measures memory, not
+    /// the disk, and should know).
+    fn fell_back(&self, why: &str) {
+        if self.fallbacks.fetch_add(1, Ordering::Relaxed) == 0 {
+            log::warn!(
+                "{}: direct=on, but a transfer went through the page cache ({why}); such \
+                 transfers are counted (direct_fallbacks) and not logged again",
+                self.path.display()
+            );
+        }
+    }
+
+    /// Transfers that went through the page cache although the disk was opened with `direct=on`.
+    pub fn direct_fallbacks(&self) -> u64 {
+        self.fallbacks.load(Ordering::Relaxed)
     }
 
     fn buffered_fd(&self) -> RawFd {
@@ -265,6 +288,9 @@ impl Backend for Arc<FileBackend> {
     }
     fn kind(&self) -> &'static str {
         "file"
+    }
+    fn direct_fallbacks(&self) -> u64 {
+        self.as_ref().direct_fallbacks()
     }
 }
 
@@ -376,6 +402,7 @@ fn step(disk: &FileBackend, s: &mut Slot, iov: &mut [libc::iovec], res: i64) -> 
         IoOp::Read | IoOp::Write { .. } => {
             if err == libc::EINVAL && s.fd != disk.buffered_fd() {
                 // O_DIRECT refused this buffer's alignment: retry through the page cache.
+                disk.fell_back("the kernel refused the O_DIRECT alignment");
                 s.fd = disk.buffered_fd();
                 return Next::Again;
             }
@@ -532,30 +559,17 @@ impl UringQueue {
 }
 
 impl BackendQueue for UringQueue {
+    fn room(&self) -> usize {
+        self.slots.free.len()
+    }
     unsafe fn submit(&mut self, req: &IoRequest<'_>) -> Submitted {
         if req.iov.len() > MAX_IOVECS {
             return Submitted::Done(Status::INVALID_FIELD);
         }
         let Some(i) = self.slots.take(&self.disk, req) else {
-            // Every slot is busy (many multi-range discards at once): do this one inline.
-            let mut iov = [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; 1];
-            let fd = self.disk.buffered_fd();
-            // SAFETY: forwarded from our caller's contract; `iov` is only used for data-less ops.
-            let r = unsafe {
-                match req.op {
-                    IoOp::Read | IoOp::Write { .. } => {
-                        let mut v = req.iov.to_vec();
-                        sync_io::execute(fd, req.op, req.offset, req.len, &mut v)
-                    }
-                    _ => sync_io::execute(fd, req.op, req.offset, req.len, &mut iov),
-                }
-            };
-            return Submitted::Done(
-                r.map_or_else(|e| errno_status(req.op, e), |_| Status::SUCCESS),
-            );
+            // The caller checks `room` first; reaching here is a caller bug, never a guest's.
+            crate::log_limited!(log::Level::Error, "io_uring queue: submit without room");
+            return Submitted::Done(Status::INTERNAL_ERROR);
         };
         self.push(i);
         self.in_flight += 1;
@@ -722,6 +736,7 @@ fn run_blocking(disk: &FileBackend, s: &mut Slot, iov_base: *mut libc::iovec) ->
             // SAFETY: the caller of `submit` keeps the data memory valid until completion.
             let r = unsafe { sync_io::execute(s.fd, s.op, s.offset, s.left, iov) };
             if r == Err(libc::EINVAL) && s.fd != disk.buffered_fd() {
+                disk.fell_back("the kernel refused the O_DIRECT alignment");
                 // SAFETY: as above.
                 unsafe { sync_io::execute(disk.buffered_fd(), s.op, s.offset, s.left, iov) }
             } else {
@@ -738,12 +753,17 @@ fn run_blocking(disk: &FileBackend, s: &mut Slot, iov_base: *mut libc::iovec) ->
 }
 
 impl BackendQueue for PoolQueue {
+    fn room(&self) -> usize {
+        self.slots.free.len()
+    }
     unsafe fn submit(&mut self, req: &IoRequest<'_>) -> Submitted {
         if req.iov.len() > MAX_IOVECS {
             return Submitted::Done(Status::INVALID_FIELD);
         }
         let Some(i) = self.slots.take(&self.disk, req) else {
-            return Submitted::Done(Status::NS_NOT_READY.with_crd(0));
+            // The caller checks `room` first; reaching here is a caller bug, never a guest's.
+            crate::log_limited!(log::Level::Error, "thread-pool queue: submit without room");
+            return Submitted::Done(Status::INTERNAL_ERROR);
         };
         self.send(i);
         self.in_flight += 1;

@@ -73,18 +73,29 @@ pub enum IoOp {
 }
 
 /// One request to a [`BackendQueue`].
+///
+/// For back ends that take byte ranges (files, RAM) `op`, `offset` and `len` say what to do. For
+/// back ends that speak NVMe themselves ([`Backend::nvme_native`]: an NVMe/TCP initiator, a VFIO
+/// driver) `cmd` holds the command exactly as the front end sent it, already checked by the
+/// executor (namespace, LBA range, data pointer), and `iov` describes all of its data, whatever
+/// the opcode (for Dataset Management: the range list); the back end sends the command on
+/// unchanged (renumbering only its command identifier and NSID) and its completion status reaches
+/// the front end unchanged.
 #[derive(Debug)]
 pub struct IoRequest<'a> {
     /// Returned with the completion.
     pub tag: u64,
-    /// What to do.
+    /// What to do (for NVMe-native back ends: what the command is, for counting and logs).
     pub op: IoOp,
     /// Byte offset on the disk.
     pub offset: u64,
     /// Byte length (for Read/Write equal to the iovecs' total).
     pub len: u64,
-    /// Data buffers for Read and Write; empty otherwise.
+    /// Data buffers for Read and Write (and for NVMe-native back ends, any command's data);
+    /// empty otherwise.
     pub iov: &'a [libc::iovec],
+    /// The NVMe command itself, given only to NVMe-native back ends.
+    pub cmd: Option<&'a leap_queues::Sqe>,
 }
 
 /// The result of [`BackendQueue::submit`].
@@ -123,12 +134,32 @@ pub trait Backend: Send + Sync {
     fn open_queue(&self, depth: usize) -> Result<Box<dyn BackendQueue>, BackendError>;
     /// A short name for logs ("null", "ram", "file").
     fn kind(&self) -> &'static str;
+    /// Whether the back end speaks NVMe itself and takes commands as they are
+    /// ([`IoRequest::cmd`]) instead of decoded byte ranges.
+    fn nvme_native(&self) -> bool {
+        false
+    }
+    /// Requests that could not use `O_DIRECT` and went through the page cache instead (file back
+    /// ends opened with `direct=on`); 0 for everything else.
+    fn direct_fallbacks(&self) -> u64 {
+        0
+    }
 }
 
 /// One poller's queue on a [`Backend`]. Not shared: all calls come from the owning poller thread.
 /// The provided methods fit back ends that finish every request inside `submit` (null, ram).
+///
+/// Back-pressure: a queue that cannot take more work says so through [`BackendQueue::room`]; the
+/// caller then keeps the command (in order) and retries after the queue's wake-up source fires.
+/// A queue never runs a request synchronously on the caller's thread because it is full, and
+/// never invents a status for it.
 pub trait BackendQueue: Send {
-    /// Starts `req`.
+    /// How many more requests [`BackendQueue::submit`] accepts now. The caller checks this before
+    /// starting a command (all of its requests at once, for commands that need several).
+    fn room(&self) -> usize {
+        usize::MAX
+    }
+    /// Starts `req`. Called only while [`BackendQueue::room`] is non-zero.
     ///
     /// # Safety
     /// The memory the iovecs describe must stay valid (mapped, and not otherwise used for the
@@ -145,8 +176,11 @@ pub trait BackendQueue: Send {
     fn in_flight(&self) -> usize {
         0
     }
-    /// A file descriptor that becomes readable when completions arrive, for the poller to sleep
-    /// on; `None` for back ends that finish everything inside `submit`.
+    /// A file descriptor that becomes readable when the queue has something to do: completions
+    /// arrived, room freed up, a timer expired, a connection came back. The poller sleeps on it.
+    /// A queue with several sources (sockets, rings, timers) combines them into this one
+    /// descriptor with a [`crate::Notifier`]. `None` for back ends that finish everything inside
+    /// `submit`.
     fn wake_fd(&self) -> Option<RawFd> {
         None
     }
@@ -178,6 +212,11 @@ pub fn errno_status(op: IoOp, errno: i32) -> Status {
 /// # Safety
 /// As for [`BackendQueue::submit`]; the call returns only after the request completed.
 pub unsafe fn run_one(q: &mut dyn BackendQueue, req: &IoRequest<'_>) -> Status {
+    while q.room() == 0 {
+        // Full: let what is in flight finish first.
+        q.poll(&mut |_, _| {});
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
     // SAFETY: forwarded from the caller.
     match unsafe { q.submit(req) } {
         Submitted::Done(s) => s,
@@ -206,12 +245,15 @@ pub fn sync(backend: &dyn Backend) -> Result<(), String> {
         return Ok(());
     }
     let mut q = backend.open_queue(1).map_err(|e| e.to_string())?;
+    let mut flush = leap_queues::Sqe::new(leap_queues::nvme::io::FLUSH, 0);
+    flush.set_nsid(1);
     let req = IoRequest {
         tag: 0,
         op: IoOp::Flush,
         offset: 0,
         len: 0,
         iov: &[],
+        cmd: backend.nvme_native().then_some(&flush),
     };
     // SAFETY: a flush carries no buffers.
     match unsafe { run_one(&mut *q, &req) } {
@@ -237,6 +279,7 @@ pub(crate) mod testutil {
             offset,
             len: buf.len() as u64,
             iov: if has_data { &iov } else { &[] },
+            cmd: None,
         };
         // SAFETY: `buf` outlives the call, which waits for the completion.
         unsafe { run_one(q, &req) }
