@@ -9,6 +9,7 @@ pub mod addr;
 pub mod backend;
 mod eventfd;
 pub mod exec;
+pub mod nvmf;
 mod notify;
 pub mod poller;
 pub mod ratelimit;

@@ -42,6 +42,12 @@ pub trait Port: Send {
     fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
+    /// The front end is gone for good (a peer closed its connection): the poller stops taking
+    /// commands from it, lets what is in flight complete (`complete` is still called), then
+    /// drops the port and its queue pair. Nobody waits for it, unlike [`Poller::detach`].
+    fn finished(&self) -> bool {
+        false
+    }
 }
 
 /// How a poller behaves.
@@ -420,17 +426,22 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
         }
         let mut work = 0;
         for p in pairs.iter_mut() {
-            let take_new = p.draining.is_none();
+            let take_new = p.draining.is_none() && !p.port.finished();
             work += round(p, &mut scratch, &shared.stats, take_new);
         }
-        // Hand drained pairs back.
+        // Hand drained pairs back; drop finished ones.
         let mut k = 0;
         while k < pairs.len() {
             let p = &pairs[k];
-            if p.draining.is_some() && p.in_flight() == 0 && p.sq.in_flight() == 0 {
+            let idle = p.in_flight() == 0 && p.held.is_empty() && p.sq.in_flight() == 0;
+            if idle && (p.draining.is_some() || p.port.finished()) {
                 let mut p = pairs.swap_remove(k);
-                let tx = p.draining.take().expect("checked draining");
-                let _ = tx.send(p.port);
+                match p.draining.take() {
+                    Some(tx) => {
+                        let _ = tx.send(p.port);
+                    }
+                    None => log::debug!("poller: pair {:?} finished", p.id),
+                }
             } else {
                 k += 1;
             }

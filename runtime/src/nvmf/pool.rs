@@ -1,0 +1,146 @@
+//! Data buffers of one NVMe/TCP connection: a fixed number of equal slots in one anonymous
+//! mapping, sized by configuration (queue depth × largest transfer), so what a connection can
+//! hold never depends on what its peer sends.
+//!
+//! The pool is also the "guest memory" of the target's queue pair: commands handed to the poller
+//! point into it through SGL Data Block descriptors at [`BufPool::addr`], and the executor
+//! translates those through the pool's [`AddressSpace`] like any other memory. Back ends then
+//! read and write the pool directly; the connection sends from it and receives into it.
+
+use crate::addr::{AddressSpace, Region};
+use std::sync::Arc;
+
+/// The address the first buffer has in commands (any non-zero base works: it only needs to be
+/// what the pool's address space maps).
+pub const POOL_BASE: u64 = 0x1_0000_0000;
+
+/// The mapping, unmapped when the last user (pool or a retired address space) lets go.
+struct Mapping {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; access goes through raw pointers whose
+// users (the connection and the back ends it starts) are ordered by the poller thread that owns the
+// connection, as for guest memory.
+unsafe impl Send for Mapping {}
+// SAFETY: as for Send: shared only to keep the mapping alive.
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` are exactly what mmap returned; nothing uses the memory any more
+        // (this is the last owner).
+        unsafe {
+            libc::munmap(self.base.cast(), self.len);
+        }
+    }
+}
+
+/// `n` buffers of `slot` bytes each.
+pub struct BufPool {
+    map: Arc<Mapping>,
+    slot: usize,
+    n: usize,
+    aspace: Arc<AddressSpace>,
+}
+
+impl BufPool {
+    /// A pool of `n` buffers of `slot` bytes (a multiple of 4096). Memory is reserved, not
+    /// committed: pages are touched only as transfers use them.
+    pub fn new(n: usize, slot: usize) -> std::io::Result<BufPool> {
+        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad pool size");
+        if n == 0 || slot == 0 || slot % 4096 != 0 {
+            return Err(bad());
+        }
+        let len = n.checked_mul(slot).ok_or_else(bad)?;
+        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let map = Arc::new(Mapping {
+            base: base.cast(),
+            len,
+        });
+        let keep: Arc<dyn std::any::Any + Send + Sync> = map.clone();
+        let aspace = AddressSpace::new(
+            vec![Region {
+                guest: POOL_BASE,
+                len: len as u64,
+                host: base as usize,
+                device: POOL_BASE,
+            }],
+            Some(keep),
+        )
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        Ok(BufPool {
+            map,
+            slot,
+            n,
+            aspace: Arc::new(aspace),
+        })
+    }
+
+    /// Bytes per buffer.
+    pub fn slot_size(&self) -> usize {
+        self.slot
+    }
+
+    /// Number of buffers.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Whether the pool has no buffers (never: `new` refuses that).
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// The address buffer `i` has in commands.
+    pub fn addr(&self, i: usize) -> u64 {
+        POOL_BASE + (i * self.slot) as u64
+    }
+
+    /// Where buffer `i` is in this process, or `None` for an index outside the pool.
+    pub fn ptr(&self, i: usize) -> Option<*mut u8> {
+        // SAFETY: i < n, so the offset stays inside the mapping.
+        (i < self.n).then(|| unsafe { self.map.base.add(i * self.slot) })
+    }
+
+    /// The address space commands into this pool translate through.
+    pub fn address_space(&self) -> &Arc<AddressSpace> {
+        &self.aspace
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_translate_into_the_mapping() {
+        let p = BufPool::new(4, 8192).unwrap();
+        let host = p.ptr(2).unwrap() as usize;
+        let mut pieces = Vec::new();
+        p.address_space()
+            .translate(p.addr(2), 8192, 4, |pc| pieces.push((pc.host, pc.len)))
+            .unwrap();
+        assert_eq!(pieces, vec![(host, 8192)]);
+        assert!(p.ptr(4).is_none());
+        assert!(p
+            .address_space()
+            .translate(p.addr(3) + 4096, 8192, 4, |_| {})
+            .is_err());
+        assert!(BufPool::new(1, 100).is_err());
+    }
+}
