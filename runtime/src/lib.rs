@@ -7,6 +7,7 @@
 
 pub mod addr;
 pub mod backend;
+pub mod controller;
 mod eventfd;
 pub mod exec;
 pub mod nvmf;
@@ -16,6 +17,7 @@ pub mod ratelimit;
 pub mod stats;
 
 pub use addr::{AddrError, AddressSpace, Piece, Region};
+pub use controller::{AdminOutcome, Controller, ControllerConfig, ControllerKind, PropertyEffect};
 pub use exec::{Namespace, Namespaces};
 pub use notify::Notifier;
 pub use poller::{PairId, Poller, PollerConfig, PollerError, PollerStats, Port, Waker};
