@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system packages Leap's tests need (QEMU and qemu-storage-daemon from
-# bookworm-backports, a guest kernel, busybox, fio, the aarch64 cross toolchain). Idempotent and
+# bookworm-backports, a guest kernel, busybox, fio, nvme-cli, the aarch64 cross toolchain). Idempotent and
 # quick when everything is there; needs root (skips otherwise). Prints what it does.
 # LEAP_INSTALL_ARM64=0 skips the aarch64 cross toolchain.
 set -euo pipefail
@@ -30,7 +30,7 @@ if [ "$want_arm64" = 1 ] && ! dpkg --print-foreign-architectures | grep -qx arm6
   updated=0
 fi
 
-for p in qemu-system-x86 qemu-utils linux-image-amd64 busybox-static fio cpio kmod util-linux gzip; do need "$p"; done
+for p in qemu-system-x86 qemu-utils linux-image-amd64 busybox-static fio cpio kmod util-linux gzip nvme-cli; do need "$p"; done
 if [ "$want_arm64" = 1 ]; then
   for p in rustc-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static; do need "$p"; done
 fi

@@ -343,6 +343,22 @@ fn start_inner(
             }
             ns.writable()?;
             let want = (nr * 16) as u64;
+            // Linux sends the range list in a 4 KiB buffer whatever NR says (some devices read
+            // the whole buffer), so a single data block may be longer than the ranges: read only
+            // the ranges, as Linux nvmet does (transfer length at least the list's).
+            let mut trimmed;
+            let mut sqe = sqe;
+            let d = sqe.sgl1();
+            if sqe.psdt() != psdt::PRP
+                && d.ty() == sgl_type::DATA_BLOCK
+                && u64::from(d.len()) > want
+                && d.len() as usize <= DSM_MAX_RANGES * 16
+            {
+                trimmed = *sqe;
+                trimmed.set_sgl1(SglDescriptor::new(d.ty(), d.subtype(), d.addr(), want as u32));
+                trimmed.set_psdt(sqe.psdt());
+                sqe = &trimmed;
+            }
             let buf = &mut scratch.ranges[..nr * 16];
             let iov = &mut scratch.iov;
             iov.clear();
@@ -729,6 +745,28 @@ mod tests {
             f.mem.iter().all(|&b| b == 0xcc),
             "no refused command wrote guest memory"
         );
+    }
+
+    #[test]
+    fn discard_ranges_in_guest_memory() {
+        // As a fabrics host sends it: one 16-byte range in a Data Block in (pool) memory.
+        let mut f = Fixture::new(false);
+        f.mem[..4].copy_from_slice(&0u32.to_le_bytes());
+        f.mem[4..8].copy_from_slice(&2048u32.to_le_bytes());
+        f.mem[8..16].copy_from_slice(&0u64.to_le_bytes());
+        let mut s = rw(io::DATASET_MANAGEMENT, 0, 1);
+        s.set_cdw(10, 0);
+        s.set_cdw(11, DSM_ATTR_DEALLOCATE);
+        s.set_cdw(12, 0);
+        s.set_sgl1(SglDescriptor::data(GUEST, 16));
+        assert_eq!(f.run(&s, &[]), Status::SUCCESS);
+        // Linux's 4 KiB range buffer with NR = 0.
+        s.set_sgl1(SglDescriptor::data(GUEST, 4096));
+        assert_eq!(f.run(&s, &[]), Status::SUCCESS);
+        // But never less than the list.
+        s.set_cdw(10, 1);
+        s.set_sgl1(SglDescriptor::data(GUEST, 16));
+        assert_eq!(f.run(&s, &[]), Status::SGL_LENGTH_INVALID);
     }
 
     #[test]

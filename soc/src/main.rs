@@ -5,6 +5,7 @@ mod diskspec;
 mod platform;
 mod serve;
 mod signals;
+mod target;
 
 use clap::{Parser, Subcommand};
 use diskspec::{DiskSpec, DISK_SYNTAX};
@@ -30,6 +31,8 @@ enum Cmd {
     Serve(ServeArgs),
     /// Measure the data path in-process (in-process vhost-user driver → leapd → back end).
     Bench(bench::BenchArgs),
+    /// Export disks over NVMe/TCP as the namespaces of one subsystem (with a discovery service).
+    Target(target::TargetArgs),
 }
 
 #[derive(clap::Args)]
@@ -62,7 +65,7 @@ struct ServeArgs {
     pin: bool,
 }
 
-fn parse_block_size(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_block_size(s: &str) -> Result<u32, String> {
     match s {
         "512" => Ok(512),
         "4096" | "4k" | "4K" => Ok(4096),
@@ -151,6 +154,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Serve(a) => serve(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Target(a) => target::run(&*platform::detect(), a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

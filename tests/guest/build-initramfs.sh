@@ -34,6 +34,8 @@ case "$file_out" in
 esac
 fio=$(command -v fio || true)
 [ -n "$fio" ] || die "fio not found (apt-get install fio)"
+nvme=$(command -v nvme || true)
+[ -n "$nvme" ] || die "nvme not found (apt-get install nvme-cli)"
 
 # --- kernel ----------------------------------------------------------------------------------
 kver=${LEAP_GUEST_KVER:-}
@@ -48,7 +50,14 @@ moddir=/lib/modules/$kver
 [ -r "$kernel" ] || die "$kernel not readable"
 [ -f "$moddir/modules.dep" ] || die "$moddir/modules.dep missing"
 
-want_modules=(virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk)
+want_modules=(virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk
+              failover net_failover virtio_net nvme_core nvme_fabrics nvme_tcp)
+# crypto the NVMe/TCP modules ask for at run time (request_module, which a busybox initramfs cannot
+# answer): loaded first when the kernel has them as modules
+optional_modules=(crc32c_generic crc32c_intel crc64_rocksoft_generic crct10dif_generic)
+# loaded by jobs that need them (NVMe/TCP target in the guest, RAM disks): listed in
+# /etc/leap-modules-ondemand, in dependency order
+ondemand_modules=(configfs nvmet nvmet_tcp brd)
 
 # --- cache key ---------------------------------------------------------------------------------
 init_src=$here/init
@@ -56,7 +65,8 @@ init_src=$here/init
 key=$( {
   echo "kver=$kver"
   sha256sum "${BASH_SOURCE[0]}" "$init_src" "$fio" "$busybox" "$kernel" | awk '{print $1}'
-  echo "modules=${want_modules[*]}"
+  echo "modules=${want_modules[*]} ${optional_modules[*]} ${ondemand_modules[*]}"
+  command -v nvme 2>/dev/null | xargs -r sha256sum | awk '{print $1}'
   echo "gzip=${LEAP_GUEST_GZIP_LEVEL:-1}"
 } | sha256sum | cut -c1-16)
 base=$out/base-$key.cpio.gz
@@ -93,7 +103,8 @@ ul_blkdiscard=""
 for c in /usr/sbin/blkdiscard /sbin/blkdiscard; do
   if [ -x "$c" ] && ! "$c" --version 2>&1 | grep -qi busybox; then ul_blkdiscard=$c; break; fi
 done
-bins=("$fio")
+bins=("$fio" "$nvme")
+cp "$nvme" "$stage/usr/sbin/nvme"
 if [ -n "$ul_blkdiscard" ]; then
   cp "$ul_blkdiscard" "$stage/usr/sbin/ul-blkdiscard"
   bins+=("$ul_blkdiscard")
@@ -148,14 +159,30 @@ add_module() { # relative path; deps first (modules.dep lists the full closure, 
   for ((i = ${#deps[@]} - 1; i >= 0; i--)); do add_module "${deps[$i]}"; done
   order+=("$rel")
 }
+builtin() { grep -qE "/${1}\.ko" "$moddir/modules.builtin" 2>/dev/null; }
+for m in "${optional_modules[@]}"; do
+  builtin "$m" && continue
+  p=$(awk -F: -v n="$m" '{ f=$1; sub(/.*\//, "", f); sub(/\.ko(\.(xz|zst|gz))?$/, "", f); gsub(/-/, "_", f);
+                          if (f == n) { print $1; exit } }' "$moddir/modules.dep")
+  [ -n "$p" ] && add_module "$p"
+done
 for m in "${want_modules[@]}"; do
-  if grep -qE "/${m}\.ko" "$moddir/modules.builtin" 2>/dev/null; then
+  if builtin "$m"; then
     log "module $m is built in"; continue
   fi
   add_module "$(modpath "$m")"
 done
+boot_count=${#order[@]}
+for m in "${ondemand_modules[@]}"; do
+  builtin "$m" || add_module "$(modpath "$m")"
+done
 : > "$stage/etc/leap-modules"
+: > "$stage/etc/leap-modules-ondemand"
+k=0
 for rel in "${order[@]}"; do
+  k=$((k + 1))
+  list=$stage/etc/leap-modules
+  [ "$k" -le "$boot_count" ] || list=$stage/etc/leap-modules-ondemand
   name=$(basename "$rel")
   case "$name" in
     *.ko.xz)  xz -dc "$moddir/$rel" > "$stage/lib/modules/leap/${name%.xz}"; name=${name%.xz} ;;
@@ -163,9 +190,9 @@ for rel in "${order[@]}"; do
     *.ko.gz)  gzip -dc "$moddir/$rel" > "$stage/lib/modules/leap/${name%.gz}"; name=${name%.gz} ;;
     *)        cp "$moddir/$rel" "$stage/lib/modules/leap/$name" ;;
   esac
-  echo "$name" >> "$stage/etc/leap-modules"
+  echo "$name" >> "$list"
 done
-log "modules (load order): $(paste -sd' ' "$stage/etc/leap-modules")"
+log "modules (load order): $(paste -sd' ' "$stage/etc/leap-modules"); on demand: $(paste -sd' ' "$stage/etc/leap-modules-ondemand")"
 
 cp "$init_src" "$stage/init"
 chmod 755 "$stage/init"

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Boots a QEMU (TCG) guest whose only disk is a vhost-user-blk device served on SOCK, runs a job
-# inside it and checks the result.
+# Boots a QEMU (TCG) guest, optionally with a vhost-user-blk disk served on SOCK and a user-mode
+# network, runs a job (tests/guest/jobs/JOB.sh) inside it and checks the result.
 #
-#   tests/guest/run-guest.sh --socket SOCK --job verify|bench [options]
+#   tests/guest/run-guest.sh [--socket SOCK] --job verify|bench|nvmf-host|nvmf-target [options]
+#     --net                      add a virtio-net NIC on QEMU's user-mode network (the guest is
+#                                10.0.2.15 and reaches the host's 127.0.0.1 at 10.0.2.2)
+#     --hostfwd SPEC             with --net: forward a host port to the guest, e.g.
+#                                tcp:127.0.0.1:14420-:4420 (loopback only)
+#     --env KEY=VALUE            pass a variable to the job (repeatable)
 #     --queues N                 num-queues of vhost-user-blk-pci (default 1)
 #     --expect-size-bytes B      verify: disk size in bytes
 #     --expect-queues N          verify: hardware queues the guest sees (default: --queues)
@@ -33,7 +38,7 @@ usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
 
 sock="" job="" queues=1 expect_size="" expect_queues="" expect_discard=0
 expect_wc="write back" expect_bs="" force_wb=0 verify_mb=64 bench_rt=5 bench_jobs="" timeout_s="" log=""
-mem=768M smp=2
+mem=768M smp=2 net=0 hostfwd="" envs=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --socket) sock=$2; shift 2 ;;
@@ -52,13 +57,17 @@ while [ $# -gt 0 ]; do
     --log) log=$2; shift 2 ;;
     --mem) mem=$2; shift 2 ;;
     --smp) smp=$2; shift 2 ;;
+    --net) net=1; shift ;;
+    --hostfwd) hostfwd=$2; shift 2 ;;
+    --env) envs+=("$2"); shift 2 ;;
     -h|--help) usage ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
-[ -n "$sock" ] || die "--socket is required"
-[ -S "$sock" ] || die "$sock is not a unix socket (is the back end running?)"
-case "$job" in verify|bench) ;; *) die "--job must be verify or bench" ;; esac
+[ -z "$sock" ] || [ -S "$sock" ] || die "$sock is not a unix socket (is the back end running?)"
+[ -n "$job" ] && [ -f "$here/jobs/$job.sh" ] || die "--job must name a script in $here/jobs (verify, bench, nvmf-host, nvmf-target)"
+case "$job" in verify|bench) [ -n "$sock" ] || die "--job $job needs --socket" ;; esac
+case "$hostfwd" in ""|tcp:127.0.0.1:*) ;; *) die "--hostfwd must forward from 127.0.0.1 (tcp:127.0.0.1:HOSTPORT-:GUESTPORT)" ;; esac
 [ -n "$expect_queues" ] || expect_queues=$queues
 [ -n "$timeout_s" ] || { [ "$job" = verify ] && timeout_s=240 || timeout_s=300; }
 qemu=${QEMU:-qemu-system-x86_64}
@@ -112,6 +121,7 @@ q() { printf '%s=%q\n' "$1" "$2"; }
   # the guest's own watchdog fires first and reports stuck I/O; QEMU's timeout is the backstop
   q GUEST_TIMEOUT "$(( timeout_s > 60 ? timeout_s - 30 : timeout_s / 2 ))"
   [ -z "$bench_jobs" ] || q BENCH_JOBS "$bench_jobs"
+  for kv in ${envs[@]+"${envs[@]}"}; do q "${kv%%=*}" "${kv#*=}"; done
 } > "$run/cpio/job/env"
 # printf %q may emit $'..' quoting that busybox sh does not know: refuse such values
 grep -q "\\\$'" "$run/cpio/job/env" && die "an --expect value contains characters the guest shell cannot take"
@@ -122,6 +132,15 @@ append="console=ttyS0 rdinit=/init panic=-1 edd=off"  # edd: no BIOS disk I/O at
 [ "${LEAP_GUEST_QUIET:-1}" = 0 ] || append="$append quiet"
 [ -z "${LEAP_GUEST_APPEND:-}" ] || append="$append $LEAP_GUEST_APPEND"
 read -r -a extra_qemu <<< "${LEAP_GUEST_QEMU_ARGS:-}"
+dev_args=()
+if [ -n "$sock" ]; then
+  dev_args+=(-chardev "socket,id=c0,path=$sock" -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues")
+fi
+if [ "$net" = 1 ]; then
+  dev_args+=(-netdev "user,id=n0${hostfwd:+,hostfwd=$hostfwd}" -device virtio-net-pci,netdev=n0,romfile=)
+else
+  dev_args+=(-nic none)
+fi
 
 start=$(date +%s.%N)
 set +e
@@ -129,13 +148,12 @@ timeout -k 10 "$timeout_s" "$qemu" \
   -accel "${LEAP_GUEST_ACCEL:-tcg}" -cpu "${LEAP_GUEST_CPU:-max}" \
   -machine q35,memory-backend=mem \
   -object "memory-backend-memfd,id=mem,size=$mem,share=on" -m "$mem" -smp "$smp" \
-  -nographic -monitor none -nic none -no-reboot \
+  -nographic -monitor none -no-reboot \
   -kernel "$kernel" -initrd "$run/initrd.cpio.gz" \
   -append "$append" \
   -serial "file:$log" \
-  -chardev "socket,id=c0,path=$sock" \
-  -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues" \
-  "${extra_qemu[@]}" \
+  "${dev_args[@]}" \
+  ${extra_qemu[@]+"${extra_qemu[@]}"} \
   </dev/null >"$qerr" 2>&1 &
 qpid=$!
 # After the guest's poweroff QEMU stops the vhost-user device (GET_VRING_BASE), which waits for the

@@ -318,10 +318,11 @@ impl DiscoveryEntryInfo {
         e[8..10].copy_from_slice(&self.asqsz.to_le_bytes());
         e[10..12].copy_from_slice(&self.eflags.to_le_bytes());
         ascii_into(&mut e[32..64], &self.trsvcid);
-        ascii_into(&mut e[256..512], &self.traddr);
+        // NVMe-oF 1.1, figure 38: SUBNQN at 511:256, TRADDR at 767:512.
         let nqn = self.subnqn.as_bytes();
         let n = nqn.len().min(255);
-        e[512..512 + n].copy_from_slice(&nqn[..n]);
+        e[256..256 + n].copy_from_slice(&nqn[..n]);
+        ascii_into(&mut e[512..768], &self.traddr);
         e[768] = self.sectype;
         e
     }
@@ -786,12 +787,12 @@ mod tests {
         assert_eq!((le16(e, 4), le16(e, 6), le16(e, 8)), (1, 0xffff, 32));
         assert_eq!(&e[32..36], b"4420");
         assert!(e[36..64].iter().all(|&x| x == b' '));
-        assert_eq!(&e[256..265], b"192.0.2.7");
-        assert!(e[265..512].iter().all(|&x| x == b' '));
-        assert_eq!(&e[512..534], b"nqn.2026-01.io.leap:d0");
-        assert!(e[534..768].iter().all(|&x| x == 0));
+        assert_eq!(&e[512..521], b"192.0.2.7");
+        assert!(e[521..768].iter().all(|&x| x == b' '));
+        assert_eq!(&e[256..278], b"nqn.2026-01.io.leap:d0");
+        assert!(e[278..512].iter().all(|&x| x == 0));
         assert_eq!(e[768], 0, "TSAS: no security");
-        assert_eq!(&b[2048 + 512..2048 + 534], b"nqn.2026-01.io.leap:d1");
+        assert_eq!(&b[2048 + 256..2048 + 278], b"nqn.2026-01.io.leap:d1");
     }
 
     #[test]
@@ -852,8 +853,8 @@ mod tests {
         let b = e.encode();
         assert_eq!(b[1], discovery::ADRFAM_IPV6);
         assert_eq!(&b[32..38], b"4420??");
-        assert!(b[256..512].iter().all(|&x| x != b' '), "cut at 256");
-        assert_eq!(b[512 + 254], b'n');
-        assert_eq!(b[512 + 255], 0, "NQN keeps a terminating NUL");
+        assert!(b[512..768].iter().all(|&x| x != b' '), "cut at 256");
+        assert_eq!(b[256 + 254], b'n');
+        assert_eq!(b[256 + 255], 0, "NQN keeps a terminating NUL");
     }
 }

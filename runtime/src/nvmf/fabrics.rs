@@ -74,9 +74,9 @@ pub enum Field {
     HostNqn,
     /// Discovery log entry TRSVCID (offset 32).
     TrSvcId,
-    /// Discovery log entry TRADDR (offset 256).
+    /// Discovery log entry TRADDR (offset 512).
     TrAddr,
-    /// Discovery log entry SUBNQN (offset 512).
+    /// Discovery log entry SUBNQN (offset 256).
     EntrySubNqn,
 }
 
@@ -87,8 +87,8 @@ impl Field {
             Field::SubNqn => connect_data::SUBNQN as u16,
             Field::HostNqn => connect_data::HOSTNQN as u16,
             Field::TrSvcId => 32,
-            Field::TrAddr => 256,
-            Field::EntrySubNqn => 512,
+            Field::TrAddr => 512,
+            Field::EntrySubNqn => 256,
         }
     }
     /// Size of the field in bytes.
@@ -909,16 +909,17 @@ impl<'a> DiscoveryEntry<'a> {
             self.trsvcid.as_bytes(),
             b' ',
         );
-        write_padded(
-            b.get_mut(256..512).unwrap_or(&mut []),
-            self.traddr.as_bytes(),
-            b' ',
-        );
+        // NVMe-oF 1.1, figure 38: SUBNQN at 511:256, TRADDR at 767:512.
         write_nqn(
-            b.get_mut(512..768).unwrap_or(&mut []),
+            b.get_mut(256..512).unwrap_or(&mut []),
             self.subnqn,
             Field::EntrySubNqn,
         )?;
+        write_padded(
+            b.get_mut(512..768).unwrap_or(&mut []),
+            self.traddr.as_bytes(),
+            b' ',
+        );
         b[768] = self.sectype;
         Ok(b)
     }
@@ -933,8 +934,8 @@ impl<'a> DiscoveryEntry<'a> {
                 got: rec.len(),
             })?;
         let trsvcid = read_padded_ascii(field_of::<32>(b, 32), Field::TrSvcId)?;
-        let traddr = read_padded_ascii(field_of::<256>(b, 256), Field::TrAddr)?;
-        let nqn = field_of::<256>(b, 512);
+        let traddr = read_padded_ascii(field_of::<256>(b, 512), Field::TrAddr)?;
+        let nqn = field_of::<256>(b, 256);
         let end = nqn.iter().position(|&c| c == 0).unwrap_or(nqn.len());
         let nqn = nqn.get(..end).unwrap_or(&[]);
         if nqn.is_empty() {
@@ -1346,13 +1347,13 @@ mod tests {
             e1[36..64].iter().all(|&c| c == b' '),
             "TRSVCID space padded"
         );
-        assert_eq!(&e1[256..265], b"127.0.0.1");
+        assert_eq!(&e1[512..521], b"127.0.0.1");
         assert!(
-            e1[265..512].iter().all(|&c| c == b' '),
+            e1[521..768].iter().all(|&c| c == b' '),
             "TRADDR space padded"
         );
         assert!(
-            e1[512 + SUBNQN.len()..768].iter().all(|&c| c == 0),
+            e1[256 + SUBNQN.len()..512].iter().all(|&c| c == 0),
             "SUBNQN NUL padded"
         );
         assert_eq!(e1[768], sectype::NONE);
@@ -1429,12 +1430,12 @@ mod tests {
             Err(FabricsError::Short { need: 18, got: 17 })
         );
         let mut rec = es[1].encode().unwrap();
-        rec[512] = 0;
+        rec[256] = 0;
         assert_eq!(
             DiscoveryEntry::decode(&rec),
             Err(FabricsError::Empty(Field::EntrySubNqn))
         );
-        rec[256] = 0x80;
+        rec[512] = 0x80;
         assert_eq!(
             DiscoveryEntry::decode(&rec),
             Err(FabricsError::NotAscii(Field::TrAddr))

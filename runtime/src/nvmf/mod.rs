@@ -3,6 +3,8 @@
 //! about virtio; the target's connections are [`crate::Port`]s served by the pollers like any
 //! other front end.
 
+pub mod conn;
 pub mod fabrics;
 pub mod pdu;
 pub mod pool;
+pub mod target;

@@ -1077,6 +1077,16 @@ impl HeaderBuf {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// A buffer holding `bytes` as they are (at most [`HEADER_BUF_LEN`]): for PDUs built
+    /// elsewhere, such as the 128-byte ICReq/ICResp.
+    pub fn from_bytes(bytes: &[u8]) -> Option<HeaderBuf> {
+        let mut buf = [0u8; HEADER_BUF_LEN];
+        buf.get_mut(..bytes.len())?.copy_from_slice(bytes);
+        Some(HeaderBuf {
+            buf,
+            len: bytes.len(),
+        })
+    }
     /// The common header.
     pub fn common(&self) -> CommonHeader {
         CommonHeader::from_prefix(&self.buf).unwrap_or_default()

@@ -61,17 +61,6 @@ MB=${VERIFY_SIZE_MB:-64}
 [ "$MB" -ge 4 ] || die "disk too small for the verify job ($bytes bytes)"
 common="--filename=$DEV --direct=1 --ioengine=$ENGINE --randrepeat=1 --verify=crc32c --verify_fatal=1 --group_reporting --output-format=terse --terse-version=3"
 
-run_fio() { # label, fio args...
-  label=$1; shift
-  s=$(uptime_s)
-  if out=$(fio "$@" 2>&1); then
-    ok "fio $label ($(awk -v a="$s" -v b="$(uptime_s)" 'BEGIN{printf "%.1f", b-a}') s)"
-    return 0
-  fi
-  echo "$out" | tail -n 20
-  fail "fio $label failed"
-  return 1
-}
 
 # 1) 4 KiB random writes, QD16, verified after the write phase (same fio run)
 run_fio "randwrite-4k-qd16+verify" --name=rw4k $common --rw=randwrite --bs=4k --iodepth=16 \

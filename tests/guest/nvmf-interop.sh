@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# NVMe/TCP interoperability with Linux, one guest boot per direction:
+#   host-initiator  Linux's initiator (nvme discover / nvme connect in a guest) against
+#                   `leapd target` on the host's loopback: discovery log, size, fio crc32c verify,
+#                   with and without header/data digests.
+#
+#   tests/guest/nvmf-interop.sh [host-initiator]
+# Env: LEAPD (default target/release/leapd), LEAP_REQUIRE_GUEST=1 or CI=true: missing tools fail
+# instead of skipping.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/../.." && pwd)
+leapd=${LEAPD:-$root/target/release/leapd}
+cases=("${@:-host-initiator}")
+require=0
+{ [ "${CI:-}" = true ] || [ "${LEAP_REQUIRE_GUEST:-0}" = 1 ]; } && require=1
+
+missing=()
+for t in qemu-system-x86_64 fio nvme busybox cpio; do command -v "$t" >/dev/null || missing+=("$t"); done
+ls /boot/vmlinuz-* >/dev/null 2>&1 || missing+=("a guest kernel (linux-image-amd64)")
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$require" = 1 ]; then
+    echo "nvmf-interop: FAIL: missing ${missing[*]} (scripts/install-deps.sh installs them)" >&2; exit 1
+  fi
+  echo "########################################################################" >&2
+  echo "nvmf-interop: SKIPPED: missing ${missing[*]} (scripts/install-deps.sh)" >&2
+  echo "########################################################################" >&2
+  exit 0
+fi
+[ -x "$leapd" ] || { echo "nvmf-interop: $leapd not built (cargo build --release -p leap-soc)" >&2; exit 1; }
+
+work=$(mktemp -d "$root/target/nvmf-interop.XXXXXX")
+pids=()
+# shellcheck disable=SC2317  # invoked by the trap
+cleanup() {
+  for p in ${pids[@]+"${pids[@]}"}; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in ${pids[@]+"${pids[@]}"}; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# free_port: a loopback TCP port nobody listens on
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# start_target LOG ARGS...: runs leapd target in the background, waits until it listens
+start_target() {
+  local log=$1; shift
+  RUST_LOG=${RUST_LOG:-info} "$leapd" target "$@" >"$log" 2>&1 &
+  pids+=($!)
+  local i
+  for ((i = 0; i < 100; i++)); do
+    grep -q "NVMe/TCP target" "$log" && return 0
+    kill -0 "${pids[-1]}" 2>/dev/null || { cat "$log" >&2; return 1; }
+    sleep 0.1
+  done
+  cat "$log" >&2
+  return 1
+}
+
+# stop_last LOG: SIGTERM to the newest background leapd, which must exit 0 with no fatal errors
+stop_last() {
+  local log=$1 p=${pids[-1]} rc=0
+  kill -TERM "$p"
+  wait "$p" || rc=$?
+  unset 'pids[-1]'
+  if [ "$rc" != 0 ]; then echo "nvmf-interop: leapd exited with $rc" >&2; tail -n 30 "$log" >&2; return 1; fi
+  grep "target totals" "$log" || true
+  if grep -q "fatal_errors=[1-9]" "$log"; then
+    echo "nvmf-interop: the target saw protocol errors:" >&2
+    grep -iE "protocol error|WARN|ERROR" "$log" | tail -n 20 >&2
+    return 1
+  fi
+}
+
+nqn=nqn.2026-12.io.leap:interop
+for c in "${cases[@]}"; do
+  case "$c" in
+    host-initiator)
+      port=$(free_port); dport=$(free_port)
+      size=$((256 << 20))
+      tlog=$work/target.log
+      start_target "$tlog" --listen "127.0.0.1:$port" --discovery-port "$dport" --nqn "$nqn" \
+        --disk "$work/ns1.img,size=$size" --pollers 1
+      rc=0
+      "$here/run-guest.sh" --job nvmf-host --net --timeout 420 \
+        --env NVMF_PORT="$port" --env NVMF_DISC_PORT="$dport" --env NVMF_NQN="$nqn" \
+        --env NVMF_MODES="plain digests" --env EXPECT_SIZE_BYTES="$size" \
+        --env VERIFY_SIZE_MB=16 || rc=$?
+      stop_last "$tlog" || rc=1
+      if [ "$rc" != 0 ]; then
+        echo "---- leapd target log (last 40 lines) ----" >&2; tail -n 40 "$tlog" >&2
+        echo "nvmf-interop: FAIL host-initiator" >&2; exit 1
+      fi
+      echo "nvmf-interop: PASS host-initiator (Linux nvme-tcp → leapd target)"
+      ;;
+    *) echo "nvmf-interop: unknown case $c" >&2; exit 2 ;;
+  esac
+done
