@@ -355,7 +355,12 @@ fn start_inner(
                 && d.len() as usize <= DSM_MAX_RANGES * 16
             {
                 trimmed = *sqe;
-                trimmed.set_sgl1(SglDescriptor::new(d.ty(), d.subtype(), d.addr(), want as u32));
+                trimmed.set_sgl1(SglDescriptor::new(
+                    d.ty(),
+                    d.subtype(),
+                    d.addr(),
+                    want as u32,
+                ));
                 trimmed.set_psdt(sqe.psdt());
                 sqe = &trimmed;
             }

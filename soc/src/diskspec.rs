@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 /// The syntax, for help texts and error messages.
-pub const DISK_SYNTAX: &str =
-    "PATH[,size=SIZE][,direct=on|off][,readonly=on]  (PATH may be `null` or `ram`)";
+pub const DISK_SYNTAX: &str = "PATH[,size=SIZE][,direct=on|off][,readonly=on]  (PATH may be `null` or `ram`), or \
+     nvme-tcp://HOST:PORT/NQN[/NSID][,queues=N][,depth=N][,digest=on|off][,hostnqn=NQN][,timeout=30s]";
 
 /// What kind of back end a disk spec names.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,6 +16,85 @@ pub enum DiskKind {
     Null,
     /// A RAM disk.
     Ram,
+    /// A namespace on an NVMe/TCP target.
+    NvmeTcp(NvmeTcpSpec),
+}
+
+/// `nvme-tcp://HOST:PORT/NQN[/NSID]` and its options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NvmeTcpSpec {
+    /// HOST:PORT.
+    pub addr: String,
+    /// Subsystem NQN.
+    pub nqn: String,
+    /// Namespace ID (default 1).
+    pub nsid: u32,
+    /// I/O queues (default 4).
+    pub queues: u16,
+    /// Entries per I/O queue (default 128).
+    pub depth: u16,
+    /// Header and data digests (default off).
+    pub digest: bool,
+    /// Host NQN (default: derived from /etc/machine-id).
+    pub hostnqn: Option<String>,
+    /// How long a command may wait through outages and retries (default 30 s).
+    pub timeout: std::time::Duration,
+}
+
+fn parse_duration(v: &str) -> Result<std::time::Duration, String> {
+    let (num, mult) = if let Some(n) = v.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (v, 1.0)
+    };
+    let x: f64 = num
+        .parse()
+        .map_err(|_| format!("bad duration `{v}`: use e.g. 30s, 500ms or 2m"))?;
+    if !(x > 0.0 && x * mult <= 86400.0) {
+        return Err(format!(
+            "bad duration `{v}`: must be between 1 ms and 1 day"
+        ));
+    }
+    Ok(std::time::Duration::from_secs_f64(x * mult))
+}
+
+fn parse_nvme_tcp(rest: &str) -> Result<NvmeTcpSpec, String> {
+    let bad =
+        |why: &str| format!("bad nvme-tcp disk `nvme-tcp://{rest}`: {why}; syntax: {DISK_SYNTAX}");
+    let mut parts = rest.splitn(3, '/');
+    let addr = parts
+        .next()
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| bad("no HOST:PORT"))?;
+    if !addr.contains(':') {
+        return Err(bad("HOST:PORT needs a port (4420 is the usual one)"));
+    }
+    let nqn = parts
+        .next()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| bad("no subsystem NQN"))?;
+    let nsid = match parts.next() {
+        None => 1,
+        Some(n) => n
+            .parse::<u32>()
+            .ok()
+            .filter(|&n| n > 0 && n < 0xffff_ffff)
+            .ok_or_else(|| bad("NSID must be a number from 1"))?,
+    };
+    Ok(NvmeTcpSpec {
+        addr: addr.to_string(),
+        nqn: nqn.to_string(),
+        nsid,
+        queues: 4,
+        depth: 128,
+        digest: false,
+        hostnqn: None,
+        timeout: std::time::Duration::from_secs(30),
+    })
 }
 
 /// A parsed `--disk` value.
@@ -82,6 +161,9 @@ impl std::str::FromStr for DiskSpec {
         let kind = match path {
             "null" => DiskKind::Null,
             "ram" => DiskKind::Ram,
+            p if p.starts_with("nvme-tcp://") => {
+                DiskKind::NvmeTcp(parse_nvme_tcp(&p["nvme-tcp://".len()..])?)
+            }
             p => DiskKind::File(PathBuf::from(p)),
         };
         let mut spec = DiskSpec {
@@ -94,6 +176,28 @@ impl std::str::FromStr for DiskSpec {
             let (k, v) = opt.split_once('=').ok_or_else(|| {
                 format!("bad disk option `{opt}`: expected key=value; syntax: {DISK_SYNTAX}")
             })?;
+            if let DiskKind::NvmeTcp(t) = &mut spec.kind {
+                let num = |v: &str, max: u32| {
+                    v.parse::<u32>()
+                        .ok()
+                        .filter(|&n| n >= 1 && n <= max)
+                        .ok_or_else(|| format!("bad value `{v}` for {k}: 1..={max}"))
+                };
+                match k {
+                    "queues" => t.queues = num(v, 64)? as u16,
+                    "depth" => t.depth = num(v, 1024)?.max(2) as u16,
+                    "digest" => t.digest = on_off(k, v)?,
+                    "hostnqn" => t.hostnqn = Some(v.to_string()),
+                    "timeout" => t.timeout = parse_duration(v)?,
+                    "readonly" => spec.read_only = on_off(k, v)?,
+                    _ => {
+                        return Err(format!(
+                            "unknown nvme-tcp disk option `{k}`; syntax: {DISK_SYNTAX}"
+                        ))
+                    }
+                }
+                continue;
+            }
             match k {
                 "size" => spec.size = Some(parse_size(v)?),
                 "direct" => spec.direct = on_off(k, v)?,
@@ -142,5 +246,35 @@ mod tests {
             .unwrap_err()
             .contains("on or off"));
         assert!(",size=1G".parse::<DiskSpec>().is_err());
+    }
+
+    #[test]
+    fn parses_nvme_tcp_specs() {
+        let d: DiskSpec = "nvme-tcp://127.0.0.1:4420/nqn.2026-12.io.leap:t/2,queues=2,depth=64,digest=on,timeout=5s"
+            .parse()
+            .unwrap();
+        let DiskKind::NvmeTcp(t) = d.kind else {
+            panic!("not nvme-tcp")
+        };
+        assert_eq!(
+            (t.addr.as_str(), t.nqn.as_str(), t.nsid),
+            ("127.0.0.1:4420", "nqn.2026-12.io.leap:t", 2)
+        );
+        assert_eq!((t.queues, t.depth, t.digest), (2, 64, true));
+        assert_eq!(t.timeout, std::time::Duration::from_secs(5));
+        let d: DiskSpec = "nvme-tcp://h:4420/nqn.x".parse().unwrap();
+        let DiskKind::NvmeTcp(t) = d.kind else {
+            panic!("not nvme-tcp")
+        };
+        assert_eq!((t.nsid, t.queues, t.digest), (1, 4, false));
+        for bad in [
+            "nvme-tcp://h/nqn",
+            "nvme-tcp://h:1/",
+            "nvme-tcp://h:1/n/0",
+            "nvme-tcp://h:1/n,size=1G",
+            "nvme-tcp://h:1/n,timeout=x",
+        ] {
+            assert!(bad.parse::<DiskSpec>().is_err(), "{bad}");
+        }
     }
 }

@@ -3,6 +3,7 @@
 use crate::diskspec::{DiskKind, DiskSpec};
 use crate::platform::Platform;
 use leap_runtime::backend::{Backend, FileBackend, FileOptions, NullBackend, RamBackend};
+use leap_runtime::nvmf::initiator::{InitiatorConfig, NvmeTcpBackend};
 use leap_runtime::{DeviceIoStats, Namespace, Poller, PollerConfig};
 use leap_vhost::{DeviceConfig, DeviceContext, Server, VhostStats};
 use std::path::PathBuf;
@@ -42,6 +43,30 @@ pub fn open_backend(disk: &DiskSpec, block_size: u32) -> Result<Arc<dyn Backend>
             RamBackend::new(disk.size.unwrap_or(default_mem), block_size)
                 .map_err(|e| e.to_string())?,
         ),
+        DiskKind::NvmeTcp(t) => {
+            use std::net::ToSocketAddrs;
+            let addr = t
+                .addr
+                .to_socket_addrs()
+                .map_err(|e| format!("nvme-tcp://{}: {e}", t.addr))?
+                .next()
+                .ok_or_else(|| format!("nvme-tcp://{}: no address", t.addr))?;
+            let (default_nqn, hostid) = InitiatorConfig::default_host();
+            Arc::new(
+                NvmeTcpBackend::open(InitiatorConfig {
+                    addr,
+                    subnqn: t.nqn.clone(),
+                    nsid: t.nsid,
+                    queues: t.queues,
+                    depth: t.depth,
+                    digests: t.digest,
+                    hostnqn: t.hostnqn.clone().unwrap_or(default_nqn),
+                    hostid,
+                    timeout: t.timeout,
+                })
+                .map_err(|e| e.to_string())?,
+            )
+        }
         DiskKind::File(path) => Arc::new(
             FileBackend::open(&FileOptions {
                 path: path.clone(),

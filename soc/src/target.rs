@@ -114,11 +114,7 @@ pub fn run(platform: &dyn Platform, a: TargetArgs) -> Result<(), String> {
             if i.read_only { ", read-only" } else { "" }
         );
     }
-    let addrs: Vec<String> = target
-        .local_addrs()
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
+    let addrs: Vec<String> = target.local_addrs().iter().map(|a| a.to_string()).collect();
     log::info!(
         "target {} listening on {} with {n} poller(s)",
         a.nqn,

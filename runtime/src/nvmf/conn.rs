@@ -502,7 +502,9 @@ impl Tx {
                     let mut c = Cursor::at(p, p.skip);
                     let mut left = it.data_len;
                     while left > 0 {
-                        let Some((ptr, n)) = c.span(p, left) else { break };
+                        let Some((ptr, n)) = c.span(p, left) else {
+                            break;
+                        };
                         if !push(ptr, n, &mut skip) {
                             break 'items;
                         }
@@ -672,7 +674,10 @@ mod tests {
         let mut got = None;
         for _ in 0..10_000 {
             tx.flush(a.as_raw_fd(), &mut |t| sent.push(t)).unwrap();
-            match rx.poll(b.as_raw_fd(), Role::Host, &params, &limits).unwrap() {
+            match rx
+                .poll(b.as_raw_fd(), Role::Host, &params, &limits)
+                .unwrap()
+            {
                 RxEvent::Header => {
                     let h = pdu::decode_data_hdr(rx.header()).unwrap();
                     assert_eq!((h.cccid, h.datal), (9, total as u32));
@@ -714,17 +719,20 @@ mod tests {
         (&a).write_all(&ic[..50]).unwrap();
         let p = Params::default();
         assert_eq!(
-            rx.poll(b.as_raw_fd(), Role::Controller, &p, &limits).unwrap(),
+            rx.poll(b.as_raw_fd(), Role::Controller, &p, &limits)
+                .unwrap(),
             RxEvent::Idle
         );
         (&a).write_all(&ic[50..]).unwrap();
         assert_eq!(
-            rx.poll(b.as_raw_fd(), Role::Controller, &p, &limits).unwrap(),
+            rx.poll(b.as_raw_fd(), Role::Controller, &p, &limits)
+                .unwrap(),
             RxEvent::Header
         );
         assert!(IcReq::decode(rx.header()).is_ok());
         assert_eq!(
-            rx.poll(b.as_raw_fd(), Role::Controller, &p, &limits).unwrap(),
+            rx.poll(b.as_raw_fd(), Role::Controller, &p, &limits)
+                .unwrap(),
             RxEvent::Pdu { digest_ok: true }
         );
         drop(a);

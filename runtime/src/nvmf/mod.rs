@@ -5,6 +5,8 @@
 
 pub mod conn;
 pub mod fabrics;
+pub mod host;
+pub mod initiator;
 pub mod pdu;
 pub mod pool;
 pub mod target;

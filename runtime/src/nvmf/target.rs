@@ -21,12 +21,12 @@
 
 use super::conn::{ConnError, Pieces, Rx, RxEvent, Tx};
 use super::fabrics::{self, ConnectCmd, ConnectData, ConnectReject, PropertyGet, PropertySet};
-use super::pdu::{self, DataDigest, DataHdr, Fatal, IcReq, IcResp, Limits, Params, Role, R2t};
+use super::pdu::{self, DataDigest, DataHdr, Fatal, IcReq, IcResp, Limits, Params, R2t, Role};
 use super::pool::BufPool;
 use crate::addr::AddressSpace;
 use crate::controller::{
-    AdminOutcome, Controller, ControllerConfig, DiscoveryEntryInfo,
-    DiscoverySnapshot, HealthCounters,
+    AdminOutcome, Controller, ControllerConfig, DiscoveryEntryInfo, DiscoverySnapshot,
+    HealthCounters,
 };
 use crate::exec::Namespaces;
 use crate::log_limited;
@@ -232,11 +232,7 @@ impl Subsystem {
     }
 
     fn discovery_log(&self, hostnqn: &str) -> DiscoverySnapshot {
-        let snap = self
-            .discovery
-            .lock()
-            .map(|d| d.clone())
-            .unwrap_or_default();
+        let snap = self.discovery.lock().map(|d| d.clone()).unwrap_or_default();
         if self.host_allowed(hostnqn) {
             snap
         } else {
@@ -296,9 +292,8 @@ impl Target {
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for a in listen {
-            let l = TcpListener::bind(a).map_err(|e| {
-                std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}"))
-            })?;
+            let l = TcpListener::bind(a)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))?;
             l.set_nonblocking(true)?;
             addrs.push(l.local_addr()?);
             listeners.push(l);
@@ -562,11 +557,15 @@ fn handshake(
     };
     let Some(cmd) = ConnectCmd::from_sqe(&sqe) else {
         respond(&mut tx, Cqe::new(sqe.cid(), Status::INVALID_OPCODE))?;
-        return Err(HandshakeError::Refused("first command is not Connect".into()));
+        return Err(HandshakeError::Refused(
+            "first command is not Connect".into(),
+        ));
     };
     if !digest_ok {
         respond(&mut tx, Cqe::new(sqe.cid(), pdu::TRANSIENT_TRANSPORT_ERROR))?;
-        return Err(HandshakeError::Refused("Connect data digest mismatch".into()));
+        return Err(HandshakeError::Refused(
+            "Connect data digest mismatch".into(),
+        ));
     }
     let reject = |tx: &mut Tx, r: ConnectReject, why: String| -> HandshakeError {
         match respond(tx, r.cqe(sqe.cid())) {
@@ -1001,7 +1000,6 @@ impl TcpQueue {
         }
     }
 
-
     /// Slot `s`'s buffer from byte `off`, `len` bytes, as a one-piece list in iovec `which`.
     fn pieces(&mut self, which: usize, s: u16, off: usize, len: usize) -> Option<Pieces> {
         let base = self.pool.ptr(s as usize)?;
@@ -1111,7 +1109,8 @@ impl TcpQueue {
                     0
                 } else if layout.datal > 0 {
                     layout.datal
-                } else if (d.ty(), d.subtype()) == (sgl_type::TRANSPORT_DATA_BLOCK, sgl_subtype::TRANSPORT_A)
+                } else if (d.ty(), d.subtype())
+                    == (sgl_type::TRANSPORT_DATA_BLOCK, sgl_subtype::TRANSPORT_A)
                     && sqe.psdt() != leap_queues::nvme::psdt::PRP
                 {
                     d.len()
@@ -1220,7 +1219,9 @@ impl TcpQueue {
     /// Asks the host for the next part of slot `s`'s data.
     fn r2t(&mut self, s: u16) {
         let slot = &mut self.slots[s as usize];
-        let end = slot.len.min(slot.got.saturating_add(self.params.maxh2cdata));
+        let end = slot
+            .len
+            .min(slot.got.saturating_add(self.params.maxh2cdata));
         let r = R2t {
             cccid: slot.host_cid,
             ttag: s,
@@ -1322,7 +1323,11 @@ impl TcpQueue {
                 dw1,
                 bytes,
             } => {
-                let bytes = if slot.dir == Dir::ToHost { bytes.min(len) } else { 0 };
+                let bytes = if slot.dir == Dir::ToHost {
+                    bytes.min(len)
+                } else {
+                    0
+                };
                 self.respond(s, status, dw0, dw1, bytes);
             }
             AdminOutcome::Held => self.slots[s as usize].state = SlotState::Held,
