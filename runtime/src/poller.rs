@@ -885,6 +885,7 @@ mod tests {
                 discard: false,
                 write_zeroes: false,
                 volatile_cache: true,
+                max_transfer: 0,
                 serial: "tight".into(),
             },
             seen: seen.clone(),

@@ -74,3 +74,5 @@ impl Drop for TestServer {
         }
     }
 }
+
+pub mod nvmf;

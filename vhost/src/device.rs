@@ -57,6 +57,8 @@ pub(crate) struct DiskShape {
     pub write_zeroes: bool,
     /// Completed writes may sit in a volatile cache: CONFIG_WCE is offered and FLUSH matters.
     pub volatile_cache: bool,
+    /// Largest data transfer per request the back end takes (0: no limit).
+    pub max_transfer: u32,
     pub serial: String,
     pub max_discard_seg: u32,
 }
@@ -134,6 +136,7 @@ impl BlkDevice {
                 discard: info.discard,
                 write_zeroes: info.write_zeroes,
                 volatile_cache: info.volatile_cache,
+                max_transfer: info.max_transfer,
                 serial: info.serial.clone(),
                 max_discard_seg: ctx.config.max_discard_seg.min(256),
             },
@@ -163,10 +166,16 @@ impl BlkDevice {
         let s = &self.shared.shape;
         let c = &self.ctx.config;
         let block_sectors = s.block_size / 512;
+        // A back end with a transfer limit (a remote controller's MDTS): segments of at most one
+        // 4 KiB page and no more of them than the limit holds, so no request exceeds it.
+        let (size_max, seg_max) = match s.max_transfer {
+            0 => (c.size_max, c.seg_max),
+            m => (c.size_max.min(4096), c.seg_max.min(m / 4096).max(1)),
+        };
         BlkConfig {
             capacity: s.sectors,
-            size_max: c.size_max,
-            seg_max: c.seg_max,
+            size_max,
+            seg_max,
             blk_size: s.block_size,
             // TOPOLOGY is not offered; min_io_size 1 keeps the field sane for drivers that read it.
             min_io_size: 1,

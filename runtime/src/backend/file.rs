@@ -207,6 +207,7 @@ impl FileBackend {
                 discard: true,
                 write_zeroes: true,
                 volatile_cache: true,
+                max_transfer: 0,
                 serial,
             },
             path: path.clone(),

@@ -35,6 +35,9 @@ pub struct DiskInfo {
     pub write_zeroes: bool,
     /// Whether completed writes may sit in a volatile cache until a Flush.
     pub volatile_cache: bool,
+    /// Largest transfer one command may carry, in bytes (a remote controller's MDTS); 0: no
+    /// limit. Front ends tell their guests.
+    pub max_transfer: u32,
     /// A short identifier (at most 20 bytes are reported to guests).
     pub serial: String,
 }

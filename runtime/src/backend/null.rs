@@ -20,6 +20,7 @@ impl NullBackend {
                 discard: true,
                 write_zeroes: true,
                 volatile_cache: false,
+                max_transfer: 0,
                 serial: "leap-null".into(),
             },
         }

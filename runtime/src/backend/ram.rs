@@ -68,6 +68,7 @@ impl RamBackend {
                 discard: true,
                 write_zeroes: true,
                 volatile_cache: false,
+                max_transfer: 0,
                 serial: "leap-ram".into(),
             },
             base: base.cast(),

@@ -250,6 +250,7 @@ mod tests {
                 ns(disk(1 << 20, 512)),
                 ns(DiskInfo {
                     volatile_cache: true,
+                    max_transfer: 0,
                     ..disk(1 << 20, 512)
                 }),
             ]),

@@ -316,6 +316,7 @@ mod tests {
                     discard: true,
                     write_zeroes: true,
                     volatile_cache: true,
+                    max_transfer: 0,
                     read_only: true,
                     ..disk(8 << 20, 4096)
                 }),

@@ -474,6 +474,7 @@ pub(crate) mod testutil {
             discard: false,
             write_zeroes: false,
             volatile_cache: false,
+            max_transfer: 0,
             serial: "test".into(),
         }
     }

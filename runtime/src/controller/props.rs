@@ -278,6 +278,7 @@ mod tests {
             io_config(),
             Namespaces::single(ns(crate::backend::DiskInfo {
                 volatile_cache: true,
+                max_transfer: 0,
                 ..disk(1 << 20, 512)
             })),
         );

@@ -317,6 +317,11 @@ impl NvmeTcpBackend {
             discard: oncs & (1 << 2) != 0,
             write_zeroes: oncs & (1 << 3) != 0,
             volatile_cache: idc[525] & 1 != 0,
+            // MDTS, in units of the minimum memory page size (CAP.MPSMIN, 4 KiB here).
+            max_transfer: match idc[77] {
+                0 => 0,
+                m => 4096u32.checked_shl(m as u32).unwrap_or(0),
+            },
             serial: format!("{serial}-{}", sh.cfg.nsid),
         };
         if let Ok(mut v) = sh.view.lock() {

@@ -1008,8 +1008,9 @@ impl TcpQueue {
         }
         let v = self.iovs.get_mut(which)?;
         // SAFETY: off + len ≤ the slot size (checked above): inside the slot's buffer.
+        let start = unsafe { base.add(off) };
         *v = libc::iovec {
-            iov_base: unsafe { base.add(off) }.cast(),
+            iov_base: start.cast(),
             iov_len: len,
         };
         // SAFETY: the iovec lives in `self.iovs` (heap, never resized) and describes the slot's

@@ -1,0 +1,260 @@
+//! NVMe/TCP in-process: Leap's initiator against Leap's target over loopback — data round trips
+//! (in-capsule and R2T writes, C2H reads, digests, several queues at once), overload control
+//! (rejects invisible to the initiator's user, bounded work on the target), and hostile PDUs
+//! (each ends only its own connection).
+
+use leap_runtime::backend::{Backend, RamBackend};
+use leap_runtime::nvmf::fabrics;
+use leap_runtime::nvmf::host::{HostConn, HostIdentity};
+use leap_runtime::nvmf::pdu;
+use leap_runtime::nvmf::target::TargetConfig;
+use leap_tests::nvmf::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const NQN: &str = "nqn.2026-12.io.leap:test";
+
+fn ram(mib: u64, block: u32) -> Arc<dyn Backend> {
+    Arc::new(RamBackend::new(mib << 20, block).unwrap())
+}
+
+#[test]
+fn round_trips_with_and_without_digests_on_several_queues() {
+    let t = TestTarget::start(target_config(NQN), vec![ram(64, 512)], 2);
+    for digests in [false, true] {
+        let mut cfg = initiator(t.addr, NQN, 2, 64);
+        cfg.digests = digests;
+        let b = connect(cfg);
+        let info = b.info().clone();
+        assert_eq!((info.size, info.block_size), (64 << 20, 512));
+        assert!(info.discard && info.write_zeroes, "from ONCS");
+        assert!(
+            !info.volatile_cache,
+            "a RAM disk has no volatile cache: VWC clear"
+        );
+        assert_eq!(info.max_transfer, 128 << 10, "MDTS reaches the front end");
+        let threads: Vec<_> = (0..2u64)
+            .map(|k| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    let mut d = Driver::new(&b, 64);
+                    let base = k * 40_000;
+                    // 4 KiB (in-capsule), 64 KiB and 128 KiB (R2T) writes, each read back.
+                    d.write_verify(base, 2048, 8, digests as u8, 32);
+                    d.write_verify(base + 4096, 4096, 128, 3, 16);
+                    d.write_verify(base + 12288, 4096, 256, 5, 8);
+                })
+            })
+            .collect();
+        for th in threads {
+            th.join().expect("queue thread");
+        }
+        assert_eq!(b.stats().protocol_errors.load(Ordering::Relaxed), 0);
+    }
+    assert_eq!(t.sub.stats().fatal_errors.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn overload_rejects_are_retried_and_never_seen_by_the_user() {
+    let cfg = TargetConfig {
+        queue_inflight: 4,
+        total_inflight: 8,
+        reserve_pct: 25,
+        ..target_config(NQN)
+    };
+    let t = TestTarget::start(cfg, vec![ram(64, 4096)], 2);
+    let b = connect(initiator(t.addr, NQN, 3, 128));
+    // Watch the target's work while three queues each keep 64 commands in flight.
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU32::new(0));
+    let mon = {
+        let (sub, stop, peak) = (t.sub.clone(), stop.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(sub.inflight(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    let threads: Vec<_> = (0..3u64)
+        .map(|k| {
+            let b = b.clone();
+            std::thread::spawn(move || {
+                let mut d = Driver::new(&b, 128);
+                d.write_verify(k * 1000, 192, 1, k as u8, 64);
+            })
+        })
+        .collect();
+    for th in threads {
+        th.join()
+            .expect("every command completed successfully, data intact");
+    }
+    stop.store(true, Ordering::Relaxed);
+    mon.join().unwrap();
+    let rejects = t.sub.stats().rejects.load(Ordering::Relaxed);
+    let retries = b.stats().retries.load(Ordering::Relaxed);
+    eprintln!(
+        "overload: rejects={rejects} retries={retries} retries_admitted={} peak_inflight={}",
+        t.sub.stats().retries_admitted.load(Ordering::Relaxed),
+        peak.load(Ordering::Relaxed)
+    );
+    assert!(
+        rejects > 0,
+        "the target rejected nothing: the test did not overload it"
+    );
+    assert!(
+        retries >= rejects,
+        "every reject was retried ({retries} < {rejects})"
+    );
+    assert!(
+        peak.load(Ordering::Relaxed) <= 8,
+        "the target held {} commands, beyond its bound of 8",
+        peak.load(Ordering::Relaxed)
+    );
+    assert_eq!(t.sub.inflight(), 0, "admission counts return to zero");
+}
+
+fn who() -> HostIdentity {
+    HostIdentity {
+        hostnqn: "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-8000-8000-0000000evil1".into(),
+        hostid: [9; 16],
+        subnqn: NQN.into(),
+    }
+}
+
+/// Reads until EOF (or 2 s); returns the PDU type of the first PDU received, if any.
+fn answer(mut s: TcpStream) -> Option<u8> {
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    got.first().copied()
+}
+
+#[test]
+fn hostile_pdus_end_only_their_own_connection() {
+    let t = TestTarget::start(target_config(NQN), vec![ram(16, 512)], 1);
+    let good = connect(initiator(t.addr, NQN, 1, 32));
+    let mut d = Driver::new(&good, 32);
+    d.write_verify(0, 64, 8, 1, 8);
+    let raw = || {
+        let s = TcpStream::connect(t.addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        s
+    };
+    let ic = pdu::IcReq::default().encode();
+    let mut cases: Vec<(&str, Vec<u8>, bool)> = Vec::new();
+    // (name, bytes after connecting, whether an ICReq exchange comes first)
+    let mut unknown = [0u8; 8];
+    unknown[0] = 0x42;
+    unknown[2] = 24;
+    unknown[4] = 24;
+    cases.push(("unknown PDU type", unknown.to_vec(), false));
+    let mut pfv = ic;
+    pfv[8] = 1;
+    cases.push(("ICReq with PFV 1", pfv.to_vec(), false));
+    let mut huge = [0u8; 8];
+    huge[0] = pdu::pdu_type::CAPSULE_CMD;
+    huge[2] = pdu::CAPSULE_CMD_HLEN;
+    huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+    cases.push(("capsule of 4 GiB", huge.to_vec(), true));
+    let mut lying = [0u8; 8];
+    lying[0] = pdu::pdu_type::CAPSULE_CMD;
+    lying[2] = 99;
+    lying[4] = 99;
+    cases.push(("wrong HLEN", lying.to_vec(), true));
+    let mut short = [0u8; 8];
+    short[0] = pdu::pdu_type::CAPSULE_CMD;
+    short[2] = pdu::CAPSULE_CMD_HLEN;
+    short[4] = 10;
+    cases.push(("PLEN shorter than the header", short.to_vec(), true));
+    cases.push(("ICReq twice", ic.to_vec(), true));
+    for (name, bytes, ic_first) in &cases {
+        let mut s = raw();
+        if *ic_first {
+            s.write_all(&ic).unwrap();
+            let mut resp = [0u8; 128];
+            s.read_exact(&mut resp).unwrap();
+            assert_eq!(resp[0], pdu::pdu_type::IC_RESP, "{name}: ICResp");
+        }
+        s.write_all(bytes).unwrap();
+        assert_eq!(
+            answer(s),
+            Some(pdu::pdu_type::C2H_TERM_REQ),
+            "{name}: the target answers with a C2HTermReq and closes"
+        );
+    }
+    // After Connect: data for a transfer that does not exist, a response-only PDU type, and a
+    // bad header digest.
+    for (name, digests) in [
+        ("H2CData with an unknown tag", false),
+        ("bad header digest", true),
+    ] {
+        let h = HostConn::connect(
+            t.addr,
+            &who(),
+            0,
+            32,
+            fabrics::CNTLID_DYNAMIC,
+            0,
+            digests,
+            Duration::from_secs(5),
+        )
+        .expect("admin connect");
+        let params = h.params;
+        let bytes = if digests {
+            let s = leap_queues::Sqe::new(leap_queues::nvme::admin::KEEP_ALIVE, 1);
+            let mut c = pdu::encode_capsule_cmd(&s, 0, &params)
+                .unwrap()
+                .as_bytes()
+                .to_vec();
+            let n = c.len();
+            c[n - 1] ^= 0xff;
+            c
+        } else {
+            pdu::encode_h2c_data(
+                &pdu::DataHdr {
+                    cccid: 3,
+                    ttag: 31,
+                    datao: 0,
+                    datal: 4,
+                    last: true,
+                    success: false,
+                },
+                &params,
+            )
+            .unwrap()
+            .as_bytes()
+            .iter()
+            .copied()
+            .chain([1, 2, 3, 4])
+            .collect()
+        };
+        h.sock.set_nonblocking(false).unwrap();
+        (&h.sock).write_all(&bytes).unwrap();
+        let s = h.sock.try_clone().unwrap();
+        assert_eq!(answer(s), Some(pdu::pdu_type::C2H_TERM_REQ), "{name}");
+    }
+    // A peer that sends half a header and leaves.
+    let mut s = raw();
+    s.write_all(&ic[..40]).unwrap();
+    drop(s);
+    // The good host never noticed.
+    d.write_verify(100, 512, 64, 2, 16);
+    let fatal = t.sub.stats().fatal_errors.load(Ordering::Relaxed)
+        + t.sub.stats().handshake_failures.load(Ordering::Relaxed);
+    assert!(
+        fatal >= cases.len() as u64 + 2,
+        "every hostile connection counted ({fatal})"
+    );
+    assert_eq!(good.stats().protocol_errors.load(Ordering::Relaxed), 0);
+}
