@@ -5,7 +5,8 @@
 #      cargo test --workspace --all-targets; the loom checks of leap-queues (--cfg loom, own
 #      target dir target/loom)
 #   3. cargo build --release -p leap-soc, then tests/guest/guest-verify.sh --backend leapd, with
-#      512- and 4096-byte logical blocks
+#      512- and 4096-byte logical blocks, and tests/guest/nvmf-interop.sh (Linux's NVMe/TCP
+#      initiator against leapd target; leapd's initiator against Linux nvmet and leapd target)
 #      (a real QEMU guest; skipped loudly without QEMU/kernel/fio/busybox unless CI=true or
 #      LEAP_REQUIRE_GUEST=1)
 #   4. scripts/build-aarch64.sh           (when CI=true or LEAP_AARCH64=1; LEAP_AARCH64_TEST=1 also
@@ -73,6 +74,7 @@ else
   step release-build cargo build --release -p leap-soc
   step guest env LEAPD="${LEAPD:-$root/target/release/leapd}" tests/guest/guest-verify.sh --backend leapd
   step guest-4k env LEAPD="${LEAPD:-$root/target/release/leapd}" tests/guest/guest-verify.sh --backend leapd --block-size 4096
+  step nvmf-interop env LEAPD="${LEAPD:-$root/target/release/leapd}" tests/guest/nvmf-interop.sh
 fi
 
 if [ "$aarch64" = 1 ]; then

@@ -55,9 +55,9 @@ want_modules=(virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev vir
 # crypto the NVMe/TCP modules ask for at run time (request_module, which a busybox initramfs cannot
 # answer): loaded first when the kernel has them as modules
 optional_modules=(crc32c_generic crc32c_intel crc64_rocksoft_generic crct10dif_generic)
-# loaded by jobs that need them (NVMe/TCP target in the guest, RAM disks): listed in
+# loaded by jobs that need them (Linux's NVMe/TCP target in the guest): listed in
 # /etc/leap-modules-ondemand, in dependency order
-ondemand_modules=(configfs nvmet nvmet_tcp brd)
+ondemand_modules=(configfs nvmet nvmet_tcp)
 
 # --- cache key ---------------------------------------------------------------------------------
 init_src=$here/init

@@ -15,6 +15,7 @@ guest_missing_deps() {
   local need_qsd=${1:-0} m=() k="" f
   command -v "${QEMU:-qemu-system-x86_64}" >/dev/null || m+=("qemu-system-x86_64")
   command -v fio >/dev/null || m+=("fio")
+  command -v nvme >/dev/null || m+=("nvme(-cli)")
   command -v busybox >/dev/null || m+=("busybox(-static)")
   command -v cpio >/dev/null || m+=("cpio")
   for f in /boot/vmlinuz-*; do [ -e "$f" ] && k=$f; done

@@ -3,15 +3,20 @@
 #   host-initiator  Linux's initiator (nvme discover / nvme connect in a guest) against
 #                   `leapd target` on the host's loopback: discovery log, size, fio crc32c verify,
 #                   with and without header/data digests.
+#   leap-to-nvmet   Linux's target (nvmet-tcp in guest A, a file on tmpfs) exported to
+#                   `leapd serve --disk nvme-tcp://...` on the host; guest B runs the verify job
+#                   on that vhost-user disk (guest B → leapd → NVMe/TCP → nvmet → tmpfs).
+#   leap-to-leap    `leapd target` (file) → `leapd serve --disk nvme-tcp://...` (with digests)
+#                   → guest running the verify job, 2 queues.
 #
-#   tests/guest/nvmf-interop.sh [host-initiator]
+#   tests/guest/nvmf-interop.sh [CASE...]     (default: all three)
 # Env: LEAPD (default target/release/leapd), LEAP_REQUIRE_GUEST=1 or CI=true: missing tools fail
 # instead of skipping.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
 leapd=${LEAPD:-$root/target/release/leapd}
-cases=("${@:-host-initiator}")
+if [ $# -gt 0 ]; then cases=("$@"); else cases=(host-initiator leap-to-leap leap-to-nvmet); fi
 require=0
 { [ "${CI:-}" = true ] || [ "${LEAP_REQUIRE_GUEST:-0}" = 1 ]; } && require=1
 
@@ -59,6 +64,31 @@ start_target() {
   return 1
 }
 
+# start_serve LOG SOCK ARGS...: runs leapd serve in the background, waits for its socket
+start_serve() {
+  local log=$1 sock=$2; shift 2
+  RUST_LOG=${RUST_LOG:-info} "$leapd" serve --socket "$sock" "$@" >"$log" 2>&1 &
+  pids+=($!)
+  local i
+  for ((i = 0; i < 300; i++)); do
+    [ -S "$sock" ] && return 0
+    kill -0 "${pids[-1]}" 2>/dev/null || { cat "$log" >&2; return 1; }
+    sleep 0.1
+  done
+  cat "$log" >&2
+  return 1
+}
+
+# stop_serve LOG: SIGTERM to the newest background leapd serve, which must exit 0
+stop_serve() {
+  local log=$1 p=${pids[-1]} rc=0
+  kill -TERM "$p"
+  wait "$p" || rc=$?
+  unset 'pids[-1]'
+  grep -E "nvme-tcp|totals" "$log" | tail -n 5 || true
+  if [ "$rc" != 0 ]; then echo "nvmf-interop: leapd serve exited with $rc" >&2; tail -n 30 "$log" >&2; return 1; fi
+}
+
 # stop_last LOG: SIGTERM to the newest background leapd, which must exit 0 with no fatal errors
 stop_last() {
   local log=$1 p=${pids[-1]} rc=0
@@ -94,6 +124,68 @@ for c in "${cases[@]}"; do
         echo "nvmf-interop: FAIL host-initiator" >&2; exit 1
       fi
       echo "nvmf-interop: PASS host-initiator (Linux nvme-tcp → leapd target)"
+      ;;
+    leap-to-leap)
+      port=$(free_port)
+      size=$((256 << 20))
+      tlog=$work/l2l-target.log slog=$work/l2l-serve.log sock=$work/l2l.sock
+      start_target "$tlog" --listen "127.0.0.1:$port" --discovery-port 0 --nqn "$nqn" \
+        --disk "$work/l2l.img,size=$size" --pollers 1
+      start_serve "$slog" "$sock" --queues 2 --pollers 1 \
+        --disk "nvme-tcp://127.0.0.1:$port/$nqn,queues=2,digest=on,timeout=30s"
+      rc=0
+      "$here/run-guest.sh" --socket "$sock" --job verify --queues 2 --expect-queues 2 \
+        --expect-size-bytes "$size" --expect-discard 1 --expect-write-cache "write back" \
+        --verify-size-mb 16 --timeout 300 || rc=$?
+      stop_serve "$slog" || rc=1
+      stop_last "$tlog" || rc=1
+      if [ "$rc" != 0 ]; then
+        echo "---- leapd serve log ----" >&2; tail -n 30 "$slog" >&2
+        echo "---- leapd target log ----" >&2; tail -n 30 "$tlog" >&2
+        echo "nvmf-interop: FAIL leap-to-leap" >&2; exit 1
+      fi
+      echo "nvmf-interop: PASS leap-to-leap (guest → leapd serve → NVMe/TCP → leapd target)"
+      ;;
+    leap-to-nvmet)
+      hport=$(free_port); dport=$(free_port)
+      tnqn=nqn.2026-12.io.leap:nvmet
+      alog=$work/nvmet-guest.log slog=$work/l2n-serve.log sock=$work/l2n.sock
+      "$here/run-guest.sh" --job nvmf-target --net --timeout 600 --log "$alog" \
+        --hostfwd "tcp:127.0.0.1:$hport-:4420" --hostfwd "tcp:127.0.0.1:$dport-:9999" \
+        --env NVMF_NQN="$tnqn" --env NVMF_SIZE_MB=128 >"$work/nvmet-run.out" 2>&1 &
+      apid=$!
+      pids+=("$apid")
+      ready=0
+      for ((i = 0; i < 1200; i++)); do
+        if grep -q "LEAP-NVMF: READY" "$alog" 2>/dev/null; then ready=1; break; fi
+        kill -0 "$apid" 2>/dev/null || break
+        sleep 0.1
+      done
+      if [ "$ready" != 1 ]; then
+        cat "$work/nvmet-run.out" >&2; tail -n 40 "$alog" >&2
+        echo "nvmf-interop: FAIL leap-to-nvmet (the nvmet guest never became ready)" >&2; exit 1
+      fi
+      rc=0
+      start_serve "$slog" "$sock" --queues 1 --pollers 1 \
+        --disk "nvme-tcp://127.0.0.1:$hport/$tnqn,queues=1,timeout=60s" || rc=1
+      if [ "$rc" = 0 ]; then
+        "$here/run-guest.sh" --socket "$sock" --job verify --queues 1 \
+          --expect-size-bytes $((128 << 20)) --expect-discard 1 --expect-write-cache "" \
+          --verify-size-mb 8 --timeout 420 || rc=$?
+        stop_serve "$slog" || rc=1
+      fi
+      # tell the nvmet guest to finish, then collect its verdict
+      msg=done; [ "$rc" = 0 ] || msg=failed
+      python3 -c 'import socket,sys; s=socket.create_connection(("127.0.0.1", int(sys.argv[1])), 5); s.sendall((sys.argv[2]+"\n").encode()); s.close()' "$dport" "$msg" || true
+      wait "$apid" || rc=1
+      unset 'pids[-1]'
+      cat "$work/nvmet-run.out"
+      if [ "$rc" != 0 ]; then
+        echo "---- leapd serve log ----" >&2; tail -n 30 "$slog" >&2
+        echo "---- nvmet guest log ----" >&2; tail -n 30 "$alog" >&2
+        echo "nvmf-interop: FAIL leap-to-nvmet" >&2; exit 1
+      fi
+      echo "nvmf-interop: PASS leap-to-nvmet (guest → leapd serve → NVMe/TCP → Linux nvmet in a guest)"
       ;;
     *) echo "nvmf-interop: unknown case $c" >&2; exit 2 ;;
   esac

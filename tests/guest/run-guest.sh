@@ -6,7 +6,7 @@
 #     --net                      add a virtio-net NIC on QEMU's user-mode network (the guest is
 #                                10.0.2.15 and reaches the host's 127.0.0.1 at 10.0.2.2)
 #     --hostfwd SPEC             with --net: forward a host port to the guest, e.g.
-#                                tcp:127.0.0.1:14420-:4420 (loopback only)
+#                                tcp:127.0.0.1:14420-:4420 (loopback only; repeatable)
 #     --env KEY=VALUE            pass a variable to the job (repeatable)
 #     --queues N                 num-queues of vhost-user-blk-pci (default 1)
 #     --expect-size-bytes B      verify: disk size in bytes
@@ -58,7 +58,7 @@ while [ $# -gt 0 ]; do
     --mem) mem=$2; shift 2 ;;
     --smp) smp=$2; shift 2 ;;
     --net) net=1; shift ;;
-    --hostfwd) hostfwd=$2; shift 2 ;;
+    --hostfwd) hostfwd=${hostfwd:+$hostfwd,hostfwd=}$2; shift 2 ;;
     --env) envs+=("$2"); shift 2 ;;
     -h|--help) usage ;;
     *) die "unknown argument '$1' (see --help)" ;;
@@ -67,7 +67,9 @@ done
 [ -z "$sock" ] || [ -S "$sock" ] || die "$sock is not a unix socket (is the back end running?)"
 [ -n "$job" ] && [ -f "$here/jobs/$job.sh" ] || die "--job must name a script in $here/jobs (verify, bench, nvmf-host, nvmf-target)"
 case "$job" in verify|bench) [ -n "$sock" ] || die "--job $job needs --socket" ;; esac
-case "$hostfwd" in ""|tcp:127.0.0.1:*) ;; *) die "--hostfwd must forward from 127.0.0.1 (tcp:127.0.0.1:HOSTPORT-:GUESTPORT)" ;; esac
+for f in ${hostfwd//,hostfwd=/ }; do
+  case "$f" in tcp:127.0.0.1:*) ;; *) die "--hostfwd must forward from 127.0.0.1 (tcp:127.0.0.1:HOSTPORT-:GUESTPORT)" ;; esac
+done
 [ -n "$expect_queues" ] || expect_queues=$queues
 [ -n "$timeout_s" ] || { [ "$job" = verify ] && timeout_s=240 || timeout_s=300; }
 qemu=${QEMU:-qemu-system-x86_64}
