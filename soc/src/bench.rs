@@ -27,8 +27,8 @@ pub struct BenchArgs {
     /// Seconds per case.
     #[arg(long, value_name = "S", default_value_t = 3.0)]
     seconds: f64,
-    /// Random reads or random writes.
-    #[arg(long, value_name = "randread|randwrite", default_value = "randread", value_parser = ["randread", "randwrite"])]
+    /// Random or sequential reads or writes.
+    #[arg(long, value_name = "randread|randwrite|read|write", default_value = "randread", value_parser = ["randread", "randwrite", "read", "write"])]
     rw: String,
     /// Block size of each request, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 4096)]
@@ -165,18 +165,26 @@ fn run_case(backend_name: &str, qd: u16, a: &BenchArgs) -> Result<Row, String> {
     q.set_interrupts(false);
     let blocks = size / a.bs as u64;
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let sequential = matches!(a.rw.as_str(), "read" | "write");
+    let mut seq = 0u64;
     let mut next_sector = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng % blocks) * (a.bs as u64 / 512)
+        let block = if sequential {
+            seq = (seq + 1) % blocks;
+            seq
+        } else {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % blocks
+        };
+        block * (a.bs as u64 / 512)
     };
     let mut started = vec![Instant::now(); queue_size as usize];
     let mut buf_of = vec![0usize; queue_size as usize];
     let mut hist = Histogram::new();
     // One clock read per batch: every request submitted in a batch shares its start time, and
     // every completion reaped in a batch its end time (clock reads cost ~100 ns on some VMs).
-    let write = a.rw == "randwrite";
+    let write = matches!(a.rw.as_str(), "randwrite" | "write");
     let submit = |q: &mut leap_vhost::driver::DriverQueue,
                   buf: usize,
                   now: Instant,
@@ -364,8 +372,8 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
         for &qd in &qds {
             let r = run_case(b, qd, &a)?;
             println!(
-                "bench backend={} qd={} iops={:.0} mean_us={:.2} p99_us={:.2} cpu_ns_per_io={:.0} rw={} direct_fallbacks={}",
-                r.backend, r.qd, r.iops, r.mean_us, r.p99_us, r.cpu_ns_per_io, a.rw, r.direct_fallbacks
+                "bench backend={} qd={} iops={:.0} mib_s={:.1} mean_us={:.2} p99_us={:.2} cpu_ns_per_io={:.0} rw={} bs={} direct_fallbacks={}",
+                r.backend, r.qd, r.iops, r.iops * a.bs as f64 / (1 << 20) as f64, r.mean_us, r.p99_us, r.cpu_ns_per_io, a.rw, a.bs, r.direct_fallbacks
             );
             rows.push(r);
         }

@@ -258,3 +258,27 @@ fn hostile_pdus_end_only_their_own_connection() {
     );
     assert_eq!(good.stats().protocol_errors.load(Ordering::Relaxed), 0);
 }
+
+#[test]
+fn silent_host_loses_its_association_after_the_keep_alive_timeout() {
+    let t = TestTarget::start(target_config(NQN), vec![ram(16, 512)], 1);
+    let h = HostConn::connect(
+        t.addr,
+        &who(),
+        0,
+        32,
+        fabrics::CNTLID_DYNAMIC,
+        1000,
+        false,
+        Duration::from_secs(5),
+    )
+    .expect("admin connect");
+    // No Keep Alive: the target ends the association within KATO (1 s) plus its check interval.
+    let s = h.sock.try_clone().unwrap();
+    assert_eq!(answer(s), None, "the connection closes without a PDU");
+    assert_eq!(
+        t.sub.stats().keep_alive_timeouts.load(Ordering::Relaxed),
+        1,
+        "closed by the keep-alive timer (within the 5 s the reader waits)"
+    );
+}

@@ -873,7 +873,6 @@ struct TcpQueue {
     finished: bool,
     /// Close once everything queued is sent (after a Disconnect).
     closing: bool,
-    rounds: u32,
     /// One iovec per slot describing its buffer for a C2HData PDU, and one more for the
     /// receive sink (a Vec: its entries never move while PDUs refer to them).
     iovs: Vec<libc::iovec>,
@@ -942,7 +941,6 @@ impl TcpQueue {
             inflight: 0,
             finished: false,
             closing: false,
-            rounds: 0,
             iovs: vec![
                 libc::iovec {
                     iov_base: std::ptr::null_mut(),
@@ -1277,15 +1275,12 @@ impl TcpQueue {
         } else {
             total - reserve.min(total - 1)
         };
-        let ok = self.inflight < cfg.queue_inflight.max(1)
-            && self.sub.inflight.fetch_add(1, Ordering::Relaxed) < cap
-            || {
-                // Undo the increment of a failed attempt (only if it was made).
-                if self.inflight < cfg.queue_inflight.max(1) {
-                    self.sub.inflight.fetch_sub(1, Ordering::Relaxed);
-                }
-                false
-            };
+        let mut ok = self.inflight < cfg.queue_inflight.max(1);
+        if ok && self.sub.inflight.fetch_add(1, Ordering::Relaxed) >= cap {
+            // Over the subsystem's bound: take the increment back.
+            self.sub.inflight.fetch_sub(1, Ordering::Relaxed);
+            ok = false;
+        }
         if ok {
             self.inflight += 1;
             self.slots[s as usize].admitted = true;
@@ -1470,10 +1465,8 @@ impl TcpQueue {
             }
             return;
         }
-        self.rounds = self.rounds.wrapping_add(1);
-        if self.rounds % 16 != 0 {
-            return;
-        }
+        // The admin queue's poller may sleep up to a second between rounds: look at the clock
+        // every round (admin queues are few; I/O queues never get here).
         let expired = self
             .assoc
             .ctrl
