@@ -156,8 +156,6 @@ struct Cmd {
     status: Option<Status>,
     kind: Kind,
     bytes: u64,
-    /// The command, kept while it waits for back-end room.
-    sqe: Sqe,
 }
 
 struct Pair {
@@ -171,6 +169,9 @@ struct Pair {
     cmds: Vec<Cmd>,
     /// Commands a back end had no room for, oldest first: retried before any newer command.
     held: VecDeque<u16>,
+    /// The entries of held commands, by command id (apart from `cmds`, so the per-command
+    /// state of the common path stays small).
+    held_sqes: Vec<Sqe>,
     stats: Arc<IoStats>,
     /// Address spaces replaced while I/O was in flight, kept mapped until it drains.
     retired: Vec<Arc<AddressSpace>>,
@@ -270,6 +271,7 @@ impl Poller {
             nss,
             cmds: vec![Cmd::default(); depth as usize],
             held: VecDeque::with_capacity(depth as usize),
+            held_sqes: vec![Sqe::default(); depth as usize],
             stats,
             retired: Vec::new(),
             current,
@@ -433,8 +435,8 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
         let mut k = 0;
         while k < pairs.len() {
             let p = &pairs[k];
-            let idle = p.in_flight() == 0 && p.held.is_empty() && p.sq.in_flight() == 0;
-            if idle && (p.draining.is_some() || p.port.finished()) {
+            let leaving = p.draining.is_some() || p.port.finished();
+            if leaving && p.in_flight() == 0 && p.held.is_empty() && p.sq.in_flight() == 0 {
                 let mut p = pairs.swap_remove(k);
                 match p.draining.take() {
                     Some(tx) => {
@@ -521,10 +523,9 @@ impl Pair {
         self.bqs.iter().flatten().map(|q| q.in_flight()).sum()
     }
 
-    /// Starts command `cid` (its SQE is in `cmds`). Returns false if a back end had no room:
-    /// nothing was started and the command must wait.
-    fn start(&mut self, cid: u16, scratch: &mut Scratch) -> bool {
-        let sqe = self.cmds[cid as usize].sqe;
+    /// Starts command `cid`. Returns false if a back end had no room: nothing was started and
+    /// the command must wait.
+    fn start(&mut self, cid: u16, sqe: &Sqe, scratch: &mut Scratch) -> bool {
         let capsule = self.proc.capsule(cid).unwrap_or(&[]);
         // SAFETY: `self.current` (and any address space retired while I/O is in flight) stays
         // alive until the back ends have nothing in flight (see `retired` in `round`); the
@@ -533,7 +534,7 @@ impl Pair {
             exec::start(
                 &self.nss,
                 &mut self.bqs,
-                &sqe,
+                sqe,
                 capsule,
                 &self.current,
                 scratch,
@@ -568,13 +569,14 @@ fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bo
         work += p.port.submit(&mut p.sq);
         p.sq.publish();
     }
-    if p.in_flight() == 0 && p.held.is_empty() && !p.retired.is_empty() {
+    if !p.retired.is_empty() && p.held.is_empty() && p.in_flight() == 0 {
         p.retired.clear();
     }
     // Commands that waited for back-end room go first, in order; while any still waits, newer
     // commands wait behind it.
     while let Some(&cid) = p.held.front() {
-        if !p.start(cid, scratch) {
+        let sqe = p.held_sqes[cid as usize];
+        if !p.start(cid, &sqe, scratch) {
             break;
         }
         p.held.pop_front();
@@ -603,9 +605,9 @@ fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bo
             status: None,
             kind: exec::kind(sqe.opcode()),
             bytes: (sqe.nlb() as u64) << shift,
-            sqe,
         };
-        if !p.start(cid, scratch) {
+        if !p.start(cid, &sqe, scratch) {
+            p.held_sqes[cid as usize] = sqe;
             p.held.push_back(cid);
         }
     }
