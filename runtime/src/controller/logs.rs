@@ -306,35 +306,41 @@ impl DiscoveryEntryInfo {
         }
     }
 
-    /// The 1024-byte wire form: ASCII fields space padded, the NQN NUL padded (figure 32).
+    /// The 1024-byte wire form (NVMe-oF 1.1, figure 38), encoded by
+    /// [`crate::nvmf::fabrics::DiscoveryEntry`] after the strings are made to fit: ASCII fields
+    /// keep printable ASCII (anything else becomes `?`) and are cut to their field, the NQN is
+    /// cut to 255 bytes (at a character boundary) and loses any NUL.
     pub fn encode(&self) -> [u8; discovery::RECORD_SIZE] {
-        let mut e = [0u8; discovery::RECORD_SIZE];
-        e[0] = self.trtype;
-        e[1] = self.adrfam;
-        e[2] = self.subtype;
-        e[3] = self.treq;
-        e[4..6].copy_from_slice(&self.portid.to_le_bytes());
-        e[6..8].copy_from_slice(&self.cntlid.to_le_bytes());
-        e[8..10].copy_from_slice(&self.asqsz.to_le_bytes());
-        e[10..12].copy_from_slice(&self.eflags.to_le_bytes());
-        ascii_into(&mut e[32..64], &self.trsvcid);
-        // NVMe-oF 1.1, figure 38: SUBNQN at 511:256, TRADDR at 767:512.
-        let nqn = self.subnqn.as_bytes();
-        let n = nqn.len().min(255);
-        e[256..256 + n].copy_from_slice(&nqn[..n]);
-        ascii_into(&mut e[512..768], &self.traddr);
-        e[768] = self.sectype;
-        e
+        let trsvcid = printable(&self.trsvcid, 32);
+        let traddr = printable(&self.traddr, 256);
+        let mut nqn: String = self.subnqn.chars().filter(|&c| c != '\0').collect();
+        while nqn.len() > 255 {
+            nqn.pop();
+        }
+        let e = crate::nvmf::fabrics::DiscoveryEntry {
+            trtype: self.trtype,
+            adrfam: self.adrfam,
+            subtype: self.subtype,
+            treq: self.treq,
+            portid: self.portid,
+            cntlid: self.cntlid,
+            asqsz: self.asqsz,
+            eflags: self.eflags,
+            trsvcid: &trsvcid,
+            traddr: &traddr,
+            subnqn: if nqn.is_empty() { "?" } else { &nqn },
+            sectype: self.sectype,
+        };
+        e.encode().unwrap_or([0; discovery::RECORD_SIZE])
     }
 }
 
-/// Fills `field` with `s` left justified and space padded; bytes outside printable ASCII become
-/// `?`, longer input is cut.
-fn ascii_into(field: &mut [u8], s: &str) {
-    field.fill(b' ');
-    for (o, b) in field.iter_mut().zip(s.bytes()) {
-        *o = if (0x20..0x7f).contains(&b) { b } else { b'?' };
-    }
+/// `s` with bytes outside printable ASCII replaced by `?`, cut to `max` bytes.
+fn printable(s: &str, max: usize) -> String {
+    s.bytes()
+        .take(max)
+        .map(|b| if (0x20..0x7f).contains(&b) { b as char } else { '?' })
+        .collect()
 }
 
 /// The Discovery log as it stands: its generation counter and records.

@@ -133,6 +133,8 @@ struct Shared {
     cfg: InitiatorConfig,
     who: HostIdentity,
     view: Mutex<CtrlView>,
+    /// `view.gen`, readable without the lock (queues compare it every poll).
+    gen: AtomicU64,
     links: Mutex<Vec<Arc<Link>>>,
     wake: Condvar,
     wake_lock: Mutex<bool>,
@@ -277,6 +279,7 @@ impl NvmeTcpBackend {
         let sh = Arc::new(Shared {
             who,
             view: Mutex::new(CtrlView::default()),
+            gen: AtomicU64::new(1),
             links: Mutex::new(Vec::new()),
             wake: Condvar::new(),
             wake_lock: Mutex::new(false),
@@ -390,6 +393,7 @@ fn control(sh: Arc<Shared>, mut admin: Option<HostConn>) {
                     if let Ok(mut v) = sh.view.lock() {
                         *v = view_of(&idc, a.cntlid, gen, granted);
                     }
+                    sh.gen.store(gen, Ordering::Release);
                     admin = Some(a);
                     backoff = Duration::from_millis(50);
                     next_ka = Instant::now() + ka;
@@ -1114,7 +1118,7 @@ impl BackendQueue for IoQueue {
             self.pick_up_link();
         }
         // If the association was re-made (target restarted), this connection is stale.
-        if self.conn.is_some() && self.sh.view().gen != self.gen {
+        if self.conn.is_some() && self.sh.gen.load(Ordering::Acquire) != self.gen {
             self.lose("controller reconnected");
         }
         for _ in 0..64 {

@@ -1030,6 +1030,13 @@ impl TcpQueue {
     /// controller-to-host data before it.
     fn respond(&mut self, s: u16, status: Status, dw0: u32, dw1: u32, len: usize) {
         let slot = self.slots[s as usize];
+        if self.tx.room() < 2 {
+            // Cannot happen by construction (three PDUs per entry fit); never answer without
+            // the data, so give up the connection instead.
+            log_limited!(log::Level::Error, "target: send queue full; closing");
+            self.close("send queue full", None);
+            return;
+        }
         if len > 0 && status.is_success() {
             let hdr = pdu::encode_c2h_data(
                 &DataHdr {
