@@ -339,7 +339,13 @@ impl DiscoveryEntryInfo {
 fn printable(s: &str, max: usize) -> String {
     s.bytes()
         .take(max)
-        .map(|b| if (0x20..0x7f).contains(&b) { b as char } else { '?' })
+        .map(|b| {
+            if (0x20..0x7f).contains(&b) {
+                b as char
+            } else {
+                '?'
+            }
+        })
         .collect()
 }
 
