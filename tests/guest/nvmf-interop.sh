@@ -8,15 +8,18 @@
 #                   on that vhost-user disk (guest B → leapd → NVMe/TCP → nvmet → tmpfs).
 #   leap-to-leap    `leapd target` (file) → `leapd serve --disk nvme-tcp://...` (with digests)
 #                   → guest running the verify job, 2 queues.
+#   overload        as leap-to-leap without digests, but the target admits only 4 commands per
+#                   queue and 6 in all: it must reject (retryable, with a retry delay) while the
+#                   guest's verify job still sees no error.
 #
-#   tests/guest/nvmf-interop.sh [CASE...]     (default: all three)
+#   tests/guest/nvmf-interop.sh [CASE...]     (default: all four)
 # Env: LEAPD (default target/release/leapd), LEAP_REQUIRE_GUEST=1 or CI=true: missing tools fail
 # instead of skipping.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
 leapd=${LEAPD:-$root/target/release/leapd}
-if [ $# -gt 0 ]; then cases=("$@"); else cases=(host-initiator leap-to-leap leap-to-nvmet); fi
+if [ $# -gt 0 ]; then cases=("$@"); else cases=(host-initiator leap-to-leap leap-to-nvmet overload); fi
 require=0
 { [ "${CI:-}" = true ] || [ "${LEAP_REQUIRE_GUEST:-0}" = 1 ]; } && require=1
 
@@ -145,6 +148,35 @@ for c in "${cases[@]}"; do
         echo "nvmf-interop: FAIL leap-to-leap" >&2; exit 1
       fi
       echo "nvmf-interop: PASS leap-to-leap (guest → leapd serve → NVMe/TCP → leapd target)"
+      ;;
+    overload)
+      port=$(free_port)
+      size=$((256 << 20))
+      tlog=$work/ol-target.log slog=$work/ol-serve.log sock=$work/ol.sock
+      start_target "$tlog" --listen "127.0.0.1:$port" --discovery-port 0 --nqn "$nqn" \
+        --disk "$work/ol.img,size=$size" --pollers 1 --queue-inflight 4 --max-inflight 6 \
+        --reserve-pct 34
+      start_serve "$slog" "$sock" --queues 2 --pollers 1 \
+        --disk "nvme-tcp://127.0.0.1:$port/$nqn,queues=2,timeout=60s"
+      rc=0
+      "$here/run-guest.sh" --socket "$sock" --job verify --queues 2 --expect-queues 2 \
+        --expect-size-bytes "$size" --expect-discard 1 --expect-write-cache "write back" \
+        --verify-size-mb 8 --timeout 420 || rc=$?
+      stop_serve "$slog" || rc=1
+      stop_last "$tlog" || rc=1
+      rejects=$(sed -n 's/.*target totals:.* rejects=\([0-9]*\).*/\1/p' "$tlog" | tail -1)
+      if [ "${rejects:-0}" -eq 0 ]; then
+        echo "nvmf-interop: overload: the target rejected nothing (the case did not overload it)" >&2; rc=1
+      fi
+      if grep -q "totals:.* errors=[1-9]" "$slog"; then
+        echo "nvmf-interop: overload: commands failed at leapd serve" >&2; rc=1
+      fi
+      if [ "$rc" != 0 ]; then
+        echo "---- leapd serve log ----" >&2; tail -n 30 "$slog" >&2
+        echo "---- leapd target log ----" >&2; tail -n 30 "$tlog" >&2
+        echo "nvmf-interop: FAIL overload" >&2; exit 1
+      fi
+      echo "nvmf-interop: PASS overload ($rejects rejects retried by leapd; the guest saw no error)"
       ;;
     leap-to-nvmet)
       hport=$(free_port); dport=$(free_port)

@@ -282,3 +282,134 @@ fn silent_host_loses_its_association_after_the_keep_alive_timeout() {
         "closed by the keep-alive timer (within the 5 s the reader waits)"
     );
 }
+
+/// Reads one whole PDU (blocking).
+fn read_pdu(s: &mut TcpStream) -> Vec<u8> {
+    let mut ch = [0u8; 8];
+    s.read_exact(&mut ch).expect("PDU header");
+    let plen = u32::from_le_bytes(ch[4..8].try_into().unwrap()) as usize;
+    let mut rest = vec![0u8; plen - 8];
+    s.read_exact(&mut rest).expect("PDU body");
+    let mut v = ch.to_vec();
+    v.extend(rest);
+    v
+}
+
+/// An I/O queue connection made by hand, blocking.
+fn io_queue(t: &TestTarget) -> (HostConn, HostConn) {
+    let admin = HostConn::connect(
+        t.addr,
+        &who(),
+        0,
+        32,
+        fabrics::CNTLID_DYNAMIC,
+        0,
+        false,
+        Duration::from_secs(5),
+    )
+    .expect("admin");
+    let io = HostConn::connect(
+        t.addr,
+        &who(),
+        1,
+        32,
+        admin.cntlid,
+        0,
+        false,
+        Duration::from_secs(5),
+    )
+    .expect("I/O queue");
+    io.sock.set_nonblocking(false).unwrap();
+    io.sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    (admin, io)
+}
+
+fn write_cmd(cid: u16, slba: u64, nlb: u32, bytes: u32) -> Vec<u8> {
+    let mut s = leap_queues::Sqe::new(leap_queues::nvme::io::WRITE, cid);
+    s.set_nsid(1);
+    s.set_slba(slba);
+    s.set_nlb(nlb);
+    s.set_sgl1(pdu::transport_sgl(bytes));
+    pdu::encode_capsule_cmd(&s, 0, &pdu::Params::default())
+        .unwrap()
+        .as_bytes()
+        .to_vec()
+}
+
+fn h2c(cid: u16, ttag: u16, datao: u32, data: &[u8]) -> Vec<u8> {
+    let h = pdu::encode_h2c_data(
+        &pdu::DataHdr {
+            cccid: cid,
+            ttag,
+            datao,
+            datal: data.len() as u32,
+            last: true,
+            success: false,
+        },
+        &pdu::Params::default(),
+    )
+    .unwrap();
+    let mut v = h.as_bytes().to_vec();
+    v.extend_from_slice(data);
+    v
+}
+
+#[test]
+fn data_beyond_the_transfer_and_reused_command_ids() {
+    let t = TestTarget::start(target_config(NQN), vec![ram(16, 512)], 1);
+    // A write of 8 KiB whose data comes by R2T; the host sends it out of place.
+    for (name, datao, len) in [
+        ("data past the R2T window", 0u32, 8192 + 512),
+        ("data at an offset the target did not ask for", 4096, 4096),
+    ] {
+        let (_admin, mut io) = io_queue(&t);
+        io.sock.write_all(&write_cmd(5, 0, 16, 8192)).unwrap();
+        let r2t = read_pdu(&mut io.sock);
+        assert_eq!(
+            r2t[0],
+            pdu::pdu_type::R2T,
+            "{name}: the target asks for the data"
+        );
+        let r = pdu::decode_r2t(&r2t).unwrap();
+        assert_eq!((r.cccid, r.r2to, r.r2tl), (5, 0, 8192));
+        io.sock
+            .write_all(&h2c(5, r.ttag, datao, &vec![0xab; len as usize]))
+            .unwrap();
+        let term = read_pdu(&mut io.sock);
+        assert_eq!(term[0], pdu::pdu_type::C2H_TERM_REQ, "{name}");
+        let (fes, _) = pdu::decode_term(&term).unwrap();
+        assert!(
+            fes == pdu::fes::DATA_OUT_OF_RANGE
+                || fes == pdu::fes::PDU_SEQUENCE_ERROR
+                || fes == pdu::fes::DATA_LIMIT_EXCEEDED,
+            "{name}: FES {fes:#x}"
+        );
+    }
+    // The same command id twice while the first is outstanding: the second gets Command ID
+    // Conflict; the first still completes. Then the id is free again.
+    let (_admin, mut io) = io_queue(&t);
+    io.sock.write_all(&write_cmd(9, 0, 8, 4096)).unwrap();
+    let r2t = read_pdu(&mut io.sock);
+    let r = pdu::decode_r2t(&r2t).unwrap();
+    io.sock.write_all(&write_cmd(9, 8, 8, 4096)).unwrap();
+    let resp = read_pdu(&mut io.sock);
+    let cqe = pdu::decode_capsule_resp(&resp).unwrap();
+    assert_eq!(
+        (cqe.cid(), cqe.status()),
+        (9, leap_queues::Status::CID_CONFLICT)
+    );
+    io.sock
+        .write_all(&h2c(9, r.ttag, 0, &[0x5a; 4096]))
+        .unwrap();
+    let resp = read_pdu(&mut io.sock);
+    let cqe = pdu::decode_capsule_resp(&resp).unwrap();
+    assert_eq!((cqe.cid(), cqe.status()), (9, leap_queues::Status::SUCCESS));
+    io.sock.write_all(&write_cmd(9, 16, 8, 4096)).unwrap();
+    assert_eq!(
+        read_pdu(&mut io.sock)[0],
+        pdu::pdu_type::R2T,
+        "the id is free again"
+    );
+}

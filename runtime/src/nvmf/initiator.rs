@@ -363,6 +363,16 @@ impl NvmeTcpBackend {
 
 impl Drop for NvmeTcpBackend {
     fn drop(&mut self) {
+        let st = &self.shared.stats;
+        log::info!(
+            "nvme-tcp {}: totals: reconnects={} resent={} retries={} timeouts={} protocol_errors={}",
+            self.shared.cfg.addr,
+            st.reconnects.load(Ordering::Relaxed),
+            st.resent.load(Ordering::Relaxed),
+            st.retries.load(Ordering::Relaxed),
+            st.timeouts.load(Ordering::Relaxed),
+            st.protocol_errors.load(Ordering::Relaxed)
+        );
         self.shared.stop.store(true, Ordering::Release);
         self.shared.poke();
         if let Some(t) = self.thread.take() {
