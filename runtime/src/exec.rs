@@ -112,9 +112,14 @@ impl Namespaces {
     }
 }
 
+/// The most parts a command is split into for a back end's transfer limit.
+pub const MAX_SPLIT: u64 = 64;
+
 /// Reusable scratch space for one poller: no allocation per command.
 pub struct Scratch {
     iov: Vec<libc::iovec>,
+    /// One part of a split command.
+    part: Vec<libc::iovec>,
     ranges: Vec<u8>,
 }
 
@@ -126,6 +131,7 @@ impl Default for Scratch {
     fn default() -> Self {
         Scratch {
             iov: Vec::with_capacity(MAX_IOVECS),
+            part: Vec::with_capacity(MAX_IOVECS),
             ranges: vec![0; DSM_MAX_RANGES * 16],
         }
     }
@@ -297,7 +303,19 @@ fn start_inner(
                 ns.writable()?;
                 IoOp::Write { fua: sqe.fua() }
             };
-            if bq.room() == 0 {
+            // A back end that speaks NVMe to a controller with a transfer limit (MDTS) gets a
+            // larger command as several, each within the limit (a guest with large pages can
+            // build requests bigger than the limit the front end advertised).
+            let max = ns.info.max_transfer as u64;
+            let parts = if ns.native && max > 0 {
+                len.div_ceil(max)
+            } else {
+                1
+            };
+            if parts > MAX_SPLIT || parts as usize > bq.depth() {
+                return Err(Status::INVALID_FIELD);
+            }
+            if (bq.room() as u64) < parts {
                 return Ok(Started::Busy);
             }
             scratch.iov.clear();
@@ -307,6 +325,49 @@ fn start_inner(
                 // Read and Write data lives in guest memory, never in the capsule.
                 Data::Capsule(..) => Err(Status::SGL_TYPE_INVALID),
             })?;
+            if parts > 1 {
+                let mut pending = 0u16;
+                let mut first_err = None;
+                let (mut k, mut off) = (0usize, 0usize);
+                for i in 0..parts {
+                    let plen = max.min(len - i * max);
+                    // This part's iovecs: `plen` bytes from (k, off) of the whole list.
+                    scratch.part.clear();
+                    let mut left = plen as usize;
+                    while left > 0 {
+                        let v = scratch.iov[k];
+                        let n = (v.iov_len - off).min(left);
+                        scratch.part.push(libc::iovec {
+                            // SAFETY: off < iov_len: inside the piece the executor translated.
+                            iov_base: unsafe { v.iov_base.cast::<u8>().add(off) }.cast(),
+                            iov_len: n,
+                        });
+                        left -= n;
+                        off += n;
+                        if off == v.iov_len {
+                            k += 1;
+                            off = 0;
+                        }
+                    }
+                    let mut sub = *sqe;
+                    sub.set_slba(sqe.slba() + ((i * max) >> ns.shift));
+                    sub.set_nlb((plen >> ns.shift) as u32);
+                    let req = IoRequest {
+                        tag,
+                        op,
+                        offset: offset + i * max,
+                        len: plen,
+                        iov: &scratch.part,
+                        cmd: Some(&sub),
+                    };
+                    match one(bq, req) {
+                        Started::Pending(n, _) => pending += n,
+                        Started::Done(s) if !s.is_success() => first_err = first_err.or(Some(s)),
+                        _ => {}
+                    }
+                }
+                return Ok(settle(pending, first_err));
+            }
             let req = IoRequest {
                 tag,
                 op,
@@ -772,6 +833,104 @@ mod tests {
         s.set_cdw(10, 1);
         s.set_sgl1(SglDescriptor::data(GUEST, 16));
         assert_eq!(f.run(&s, &[]), Status::SGL_LENGTH_INVALID);
+    }
+
+    /// What a recording back end was given: (SLBA, NLB, iovecs as (address, length)).
+    type Seen = Arc<std::sync::Mutex<Vec<(u64, u32, Vec<(usize, usize)>)>>>;
+
+    /// A back end that speaks NVMe, with an 8 KiB transfer limit, recording what it is given.
+    struct Recorder {
+        info: DiskInfo,
+        seen: Seen,
+    }
+
+    struct RecorderQueue(Seen);
+
+    impl Backend for Recorder {
+        fn info(&self) -> &DiskInfo {
+            &self.info
+        }
+        fn open_queue(
+            &self,
+            _: usize,
+        ) -> Result<Box<dyn BackendQueue>, crate::backend::BackendError> {
+            Ok(Box::new(RecorderQueue(self.seen.clone())))
+        }
+        fn kind(&self) -> &'static str {
+            "recorder"
+        }
+        fn nvme_native(&self) -> bool {
+            true
+        }
+    }
+
+    impl BackendQueue for RecorderQueue {
+        fn depth(&self) -> usize {
+            8
+        }
+        unsafe fn submit(&mut self, req: &IoRequest<'_>) -> Submitted {
+            let c = req.cmd.expect("native");
+            let iov = req
+                .iov
+                .iter()
+                .map(|v| (v.iov_base as usize, v.iov_len))
+                .collect();
+            self.0.lock().unwrap().push((c.slba(), c.nlb(), iov));
+            Submitted::Done(Status::SUCCESS)
+        }
+    }
+
+    #[test]
+    fn commands_beyond_a_native_back_ends_limit_are_split() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let backend: Arc<dyn Backend> = Arc::new(Recorder {
+            info: DiskInfo {
+                size: 1 << 20,
+                block_size: 512,
+                read_only: false,
+                discard: false,
+                write_zeroes: false,
+                volatile_cache: false,
+                max_transfer: 8192,
+                serial: "rec".into(),
+            },
+            seen: seen.clone(),
+        });
+        let mut f = Fixture::new(false);
+        f.nss = Namespaces::single(Namespace::new(backend.clone()));
+        f.bqs = vec![Some(backend.open_queue(8).unwrap())];
+        // 20 KiB from LBA 100 in two guest pieces of 6 KiB and 14 KiB (an SGL in the capsule).
+        let mut capsule = [0u8; 32];
+        capsule[..16].copy_from_slice(&leap_queues::sgl::encode_descriptor(&SglDescriptor::data(
+            GUEST, 6144,
+        )));
+        capsule[16..].copy_from_slice(&leap_queues::sgl::encode_descriptor(&SglDescriptor::data(
+            GUEST + 0x4000,
+            14336,
+        )));
+        let mut r = rw(io::READ, 100, 40);
+        r.set_sgl1(SglDescriptor::new(
+            sgl_type::LAST_SEGMENT,
+            sgl_subtype::OFFSET,
+            0,
+            32,
+        ));
+        assert_eq!(f.run(&r, &capsule), Status::SUCCESS);
+        let host = f.mem.as_ptr() as usize;
+        let got = seen.lock().unwrap().clone();
+        assert_eq!(
+            got,
+            vec![
+                (100, 16, vec![(host, 6144), (host + 0x4000, 2048)]),
+                (116, 16, vec![(host + 0x4800, 8192)]),
+                (132, 8, vec![(host + 0x6800, 4096)]),
+            ],
+            "three commands within 8 KiB, contiguous in LBA and in memory"
+        );
+        // More parts than the queue can ever hold: refused, not held forever.
+        let mut big = rw(io::READ, 0, 256);
+        big.set_sgl1(SglDescriptor::data(GUEST, 128 << 10));
+        assert_eq!(f.run(&big, &[]), Status::INVALID_FIELD);
     }
 
     #[test]

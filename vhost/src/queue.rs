@@ -334,7 +334,7 @@ impl BlkQueue {
                     return Err(Reject(status::IOERR, Malformed::Length));
                 }
                 let nlb = len / block;
-                if nlb > 65536 || shape.max_transfer != 0 && len > shape.max_transfer as u64 {
+                if nlb > 65536 {
                     return Err(Reject(status::IOERR, Malformed::Length));
                 }
                 let end = sector

@@ -162,6 +162,11 @@ pub trait BackendQueue: Send {
     fn room(&self) -> usize {
         usize::MAX
     }
+    /// The most requests the queue can ever hold at once (`room` when nothing is in flight): a
+    /// command needing more is refused rather than held forever.
+    fn depth(&self) -> usize {
+        usize::MAX
+    }
     /// Starts `req`. Called only while [`BackendQueue::room`] is non-zero.
     ///
     /// # Safety

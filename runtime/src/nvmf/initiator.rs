@@ -1060,6 +1060,9 @@ impl BackendQueue for IoQueue {
     fn room(&self) -> usize {
         self.free.len()
     }
+    fn depth(&self) -> usize {
+        self.entries as usize
+    }
 
     unsafe fn submit(&mut self, req: &IoRequest<'_>) -> Submitted {
         let Some(cmd) = req.cmd else {
