@@ -585,6 +585,29 @@ fn send_iov(fd: RawFd, iov: &[libc::iovec]) -> Result<Option<usize>, ConnError> 
     }
 }
 
+/// Waits (control path only) until `fd` has `events` (POLLIN, POLLOUT) or `deadline` passes;
+/// false when it passed.
+pub fn wait_for(fd: RawFd, events: i16, deadline: std::time::Instant) -> bool {
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    if left.is_zero() {
+        return false;
+    }
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe {
+        libc::poll(
+            &mut p,
+            1,
+            left.as_millis().clamp(1, i32::MAX as u128) as i32,
+        )
+    };
+    n != 0
+}
+
 /// Receives a whole ICReq/ICResp-sized message (blocking helper for connection set-up on the
 /// control path, with the socket's own timeout).
 pub fn read_exact_blocking(fd: RawFd, buf: &mut [u8]) -> Result<(), ConnError> {

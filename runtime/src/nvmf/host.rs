@@ -63,27 +63,11 @@ pub struct HostConn {
 }
 
 fn wait(fd: RawFd, events: i16, deadline: Instant) -> Result<(), HostError> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(HostError::Timeout);
+    if super::conn::wait_for(fd, events, deadline) {
+        Ok(())
+    } else {
+        Err(HostError::Timeout)
     }
-    let mut p = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let n = unsafe {
-        libc::poll(
-            &mut p,
-            1,
-            left.as_millis().clamp(1, i32::MAX as u128) as i32,
-        )
-    };
-    if n == 0 {
-        return Err(HostError::Timeout);
-    }
-    Ok(())
 }
 
 impl HostConn {

@@ -418,21 +418,11 @@ enum HandshakeError {
 
 /// Waits until `fd` is readable or the deadline passes.
 fn wait_readable(fd: RawFd, deadline: Instant) -> Result<(), HandshakeError> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(HandshakeError::Timeout);
+    if super::conn::wait_for(fd, libc::POLLIN, deadline) {
+        Ok(())
+    } else {
+        Err(HandshakeError::Timeout)
     }
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
-    if n == 0 {
-        return Err(HandshakeError::Timeout);
-    }
-    Ok(())
 }
 
 /// Runs `rx` until the next event other than Idle, within the deadline.
