@@ -124,6 +124,8 @@ struct Link {
     qid: u16,
     entries: u16,
     ready: Mutex<Option<HostConn>>,
+    /// Set (Release) after `ready` is filled, so the queue looks at the lock only then.
+    delivered: AtomicBool,
     efd: OwnedFd,
     wanted: AtomicBool,
     cancelled: AtomicBool,
@@ -452,6 +454,7 @@ fn control(sh: Arc<Shared>, mut admin: Option<HostConn>) {
                         if let Ok(mut r) = l.ready.lock() {
                             *r = Some(c);
                         }
+                        l.delivered.store(true, Ordering::Release);
                         l.wanted.store(false, Ordering::Release);
                         crate::eventfd::signal(l.efd.as_raw_fd());
                     }
@@ -670,6 +673,7 @@ impl IoQueue {
             qid,
             entries,
             ready: Mutex::new(None),
+            delivered: AtomicBool::new(false),
             efd: crate::eventfd::new()?,
             wanted: AtomicBool::new(true),
             cancelled: AtomicBool::new(false),
@@ -729,6 +733,9 @@ impl IoQueue {
     /// Takes a connection the control thread made for us.
     fn pick_up_link(&mut self) {
         crate::eventfd::drain(self.link.efd.as_raw_fd());
+        if !self.link.delivered.swap(false, Ordering::Acquire) {
+            return;
+        }
         let Some(host) = self.link.ready.lock().ok().and_then(|mut r| r.take()) else {
             return;
         };
@@ -1127,7 +1134,7 @@ impl BackendQueue for IoQueue {
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
-        if self.link.ready.lock().is_ok_and(|r| r.is_some()) {
+        if self.link.delivered.load(Ordering::Acquire) {
             self.pick_up_link();
         }
         // If the association was re-made (target restarted), this connection is stale.
@@ -1184,7 +1191,7 @@ impl BackendQueue for IoQueue {
         crate::eventfd::drain(self.link.efd.as_raw_fd());
         !self.done.is_empty()
             || self.conn.as_ref().is_some_and(|c| c.rx.buffered())
-            || self.link.ready.lock().is_ok_and(|r| r.is_some())
+            || self.link.delivered.load(Ordering::Acquire)
             || self.notifier.ready()
     }
 }
