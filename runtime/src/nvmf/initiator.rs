@@ -313,10 +313,14 @@ impl NvmeTcpBackend {
             )));
         }
         let block_size = 1u32 << lbads;
+        // A target's NSZE is not trusted: the size must fit in 64 bits.
+        let size = nsze
+            .checked_mul(block_size as u64)
+            .ok_or_else(|| BackendError::Invalid(format!("{name}: namespace size overflows")))?;
         let oncs = le16(&idc, 520);
         let serial = String::from_utf8_lossy(&idc[4..24]).trim().to_string();
         let info = DiskInfo {
-            size: nsze << lbads,
+            size,
             block_size,
             read_only: idn[99] & 1 != 0,
             discard: oncs & (1 << 2) != 0,
