@@ -3,7 +3,8 @@
 #   1. scripts/install-deps.sh            (only as root; quick when everything is installed)
 #   2. cargo fmt --all -- --check; cargo clippy --workspace --all-targets -- -D warnings;
 #      cargo test --workspace --all-targets; the loom checks of leap-queues (--cfg loom, own
-#      target dir target/loom)
+#      target dir target/loom); scripts/fuzz.sh (coverage-guided fuzzing, LEAP_FUZZ_SECONDS per
+#      target, default 20; cargo-fuzz is installed when missing)
 #   3. cargo build --release -p leap-soc, then tests/guest/guest-verify.sh --backend leapd, with
 #      512- and 4096-byte logical blocks, and tests/guest/nvmf-interop.sh (Linux's NVMe/TCP
 #      initiator against leapd target; leapd's initiator against Linux nvmet and leapd target)
@@ -12,7 +13,8 @@
 #   4. scripts/build-aarch64.sh           (when CI=true or LEAP_AARCH64=1; LEAP_AARCH64_TEST=1 also
 #      runs the aarch64 tests under qemu-user)
 # Env: LEAP_CARGO_TEST_TIMEOUT (s, default 1800) bounds step 2 (status 124 = it timed out).
-#      LEAP_SKIP_GUEST=1 skips step 3 (not allowed with CI=true); LEAP_SKIP_AARCH64=1 skips step 4.
+#      LEAP_SKIP_GUEST=1 skips step 3 and LEAP_SKIP_FUZZ=1 the fuzzing (neither allowed with
+#      CI=true); LEAP_SKIP_AARCH64=1 skips step 4.
 # Prints one summary line at the end: "test.sh: PASS ..." or "test.sh: FAIL at <step> ...".
 set -euo pipefail
 
@@ -61,6 +63,15 @@ step fmt cargo fmt --all -- --check
 step clippy cargo clippy --workspace --all-targets -- -D warnings
 # a hung test must not hang CI: LEAP_CARGO_TEST_TIMEOUT seconds (default 1800) for build + tests
 step cargo-test timeout -k 30 "${LEAP_CARGO_TEST_TIMEOUT:-1800}" cargo test --workspace --all-targets
+
+if [ "${LEAP_SKIP_FUZZ:-0}" = 1 ]; then
+  if [ "${CI:-}" = true ]; then current=fuzz; echo "LEAP_SKIP_FUZZ=1 is not allowed with CI=true" >&2; exit 1; fi
+  echo
+  echo "==> test.sh [fuzz] SKIPPED (LEAP_SKIP_FUZZ=1)"
+  done_steps+=("fuzz:skipped")
+else
+  step fuzz scripts/fuzz.sh "${LEAP_FUZZ_SECONDS:-20}"
+fi
 
 step loom env RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
   timeout -k 30 "${LEAP_CARGO_TEST_TIMEOUT:-1800}" cargo test -p leap-queues --lib --release -- loom
