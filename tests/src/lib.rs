@@ -18,6 +18,8 @@ pub struct TestServer {
     pub stats: Arc<VhostStats>,
     /// NVMe counters.
     pub io_stats: Arc<DeviceIoStats>,
+    /// The pollers (for their CPU time).
+    pub pollers: Arc<Vec<Poller>>,
     stop: StopHandle,
     thread: Option<JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -41,9 +43,10 @@ impl TestServer {
             .collect();
         let stats = Arc::new(VhostStats::default());
         let io_stats = Arc::new(DeviceIoStats::new(queues as usize));
+        let pollers = Arc::new(pollers);
         let ctx = DeviceContext {
             ns: Namespace::new(backend),
-            pollers: Arc::new(pollers),
+            pollers: pollers.clone(),
             config: DeviceConfig {
                 num_queues: queues,
                 ..DeviceConfig::default()
@@ -59,6 +62,7 @@ impl TestServer {
             socket,
             stats,
             io_stats,
+            pollers,
             stop,
             thread: Some(thread),
             _dir: dir,

@@ -891,3 +891,45 @@ fn random_chains_never_wedge_the_device() {
         "the generator also reaches the data path ({served} served)"
     );
 }
+
+#[test]
+fn a_broken_avail_ring_stops_only_its_queue_and_costs_no_cpu() {
+    let s = TestServer::start(ram(16 * MIB, 512), 2, 1);
+    let mut d = connect(&s, 2, true);
+    let buf = d.alloc(1 << 20, 4096).unwrap();
+    let mut qs = d.take_queues();
+    // Queue 0 claims far more requests than it has entries: the ring protocol is broken.
+    let size = qs[0].size();
+    qs[0].publish_bogus_avail_idx(size + 10);
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..5 {
+        qs[0].publish_bogus_avail_idx(size + 11);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        s.stats.get(Malformed::Ring),
+        1,
+        "counted once, not re-polled"
+    );
+    // The poller sleeps: the broken queue costs nothing.
+    let cpu0 = s.pollers[0].cpu_time();
+    std::thread::sleep(Duration::from_millis(500));
+    let cpu = s.pollers[0].cpu_time() - cpu0;
+    assert!(
+        cpu < Duration::from_millis(50),
+        "{cpu:?} of CPU in 500 ms on a broken ring"
+    );
+    // The other queue of the same device keeps working.
+    let data = pattern(9, 64 << 10);
+    assert_eq!(write(&d, &mut qs[1], buf, 100, &data), OK);
+    let (st, back) = read(&d, &mut qs[1], buf + (256 << 10), 100, data.len());
+    assert_eq!(st, OK);
+    assert!(back == data);
+    // And the next connection gets a working device.
+    drop(qs);
+    d.disconnect();
+    let mut d = connect(&s, 1, true);
+    let buf = d.alloc(1 << 20, 4096).unwrap();
+    let mut q = d.take_queues().pop().unwrap();
+    assert_eq!(write(&d, &mut q, buf, 0, &data), OK);
+}

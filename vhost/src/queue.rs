@@ -55,6 +55,8 @@ pub struct BlkQueue {
     readable: Vec<Seg>,
     writable: Vec<Seg>,
     armed: bool,
+    /// The avail ring broke the ring protocol: no more requests are taken from it.
+    broken: bool,
 }
 
 impl BlkQueue {
@@ -77,6 +79,7 @@ impl BlkQueue {
             readable: Vec::with_capacity(MAX_CHAIN),
             writable: Vec::with_capacity(MAX_CHAIN),
             armed: false,
+            broken: false,
         }
     }
 
@@ -93,6 +96,9 @@ struct Reject(u8, Malformed);
 
 impl Port for BlkQueue {
     fn submit(&mut self, sq: &mut Submitter) -> usize {
+        if self.broken {
+            return 0;
+        }
         self.refresh_memory();
         // Our own handles (Arc clones) so nothing below borrows `self`.
         let mem = self.memory.mem.clone();
@@ -107,10 +113,13 @@ impl Port for BlkQueue {
             let mut iter = match queue.iter(&*mem) {
                 Ok(it) => it,
                 Err(e) => {
+                    // Broken until the front end resets the ring (a new attach): counted and
+                    // logged once, and never polled again meanwhile.
+                    self.broken = true;
                     self.shared.stats.count(Malformed::Ring);
                     log_limited!(
                         log::Level::Warn,
-                        "queue {}: unusable avail ring: {e}",
+                        "queue {}: unusable avail ring ({e}); the queue stops until the front end resets it",
                         self.index
                     );
                     return 0;
@@ -229,6 +238,10 @@ impl Port for BlkQueue {
     }
 
     fn arm(&mut self) -> bool {
+        if self.broken {
+            // Nothing to wait for: work on a broken ring is never taken.
+            return false;
+        }
         self.armed = true;
         let mem = &*self.memory.mem;
         let mut vring = self.vring.get_mut();

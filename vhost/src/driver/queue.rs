@@ -391,6 +391,17 @@ impl DriverQueue {
         }
     }
 
+    /// Publishes `idx` as the avail index, whatever the queue holds, and kicks: a driver that
+    /// breaks the ring protocol (an index more than the queue size ahead), for tests.
+    pub fn publish_bogus_avail_idx(&mut self, idx: u16) {
+        // Release: as in `publish_and_kick`.
+        self.avail_idx_atomic()
+            .store(idx.to_le(), Ordering::Release);
+        if let Err(e) = self.kick.write(1) {
+            log::warn!("driver: kick of queue {} failed: {e}", self.index);
+        }
+    }
+
     /// Publishes the avail index and kicks the device unless it said it need not be
     /// (`avail_event` with EVENT_IDX, `VRING_USED_F_NO_NOTIFY` without). Returns whether it
     /// kicked. Nothing new to publish: no kick.
