@@ -87,7 +87,7 @@ const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 #[test]
 fn negotiates_features_and_config() {
     let s = TestServer::start(ram(64 * MIB, 4096), 2, 1);
-    let d = connect(&s, 2, true);
+    let mut d = connect(&s, 2, true);
     let f = d.acked_features();
     for bit in [32u32, 29, 1, 2, 6, 9, 12, 13, 14] {
         assert!(
@@ -119,12 +119,30 @@ fn negotiates_features_and_config() {
         .unwrap(),
     );
     let sf = TestServer::start(file, 1, 1);
-    let df = connect(&sf, 1, true);
+    let mut df = connect(&sf, 1, true);
     assert!(df.acked_features() & (1 << 11) != 0, "CONFIG_WCE offered");
     assert!(
         df.config().unwrap().writeback,
         "write-back cache by default, so guests send FLUSH"
     );
+    // The writeback byte is writable; nothing else in the configuration space is.
+    df.set_writeback(false).expect("writeback byte");
+    assert!(!df.config().unwrap().writeback);
+    for (offset, len) in [(0u32, 8usize), (20, 4), (32, 2)] {
+        // Ignored and counted (see BlkDevice::set_config for why not refused yet).
+        df.set_config_raw(offset, &vec![0xff; len]).unwrap();
+    }
+    let after = df.config().unwrap();
+    assert_eq!(after.capacity, MIB / 512, "capacity untouched");
+    assert!(!after.writeback, "writeback untouched by the wider writes");
+    assert_eq!(sf.stats.get(Malformed::Config), 3);
+    // A disk without a volatile cache ignores even the writeback byte.
+    d.set_writeback(true).unwrap();
+    assert!(
+        !d.config().unwrap().writeback,
+        "no CONFIG_WCE, no writeback switch"
+    );
+    assert_eq!(s.stats.get(Malformed::Config), 1);
     assert!(c.seg_max >= 32 && c.size_max >= 4096);
     assert!(c.max_discard_seg >= 1 && c.max_discard_sectors > 0);
     assert_eq!(c.max_write_zeroes_seg, 1);

@@ -1,10 +1,12 @@
 //! The vhost-user-blk device: features, configuration space, memory table, and the binding of
 //! each virtqueue to a queue pair on a poller. One `BlkDevice` serves one connection.
 
-use crate::config::{feature, BlkConfig, CONFIG_SIZE, WRITEBACK_OFFSET};
+use crate::config::{feature, BlkConfig, WRITEBACK_OFFSET};
 use crate::queue::BlkQueue;
 use crate::stats::VhostStats;
-use leap_runtime::{AddressSpace, DeviceIoStats, Namespace, Namespaces, PairId, Poller, Region};
+use leap_runtime::{
+    log_limited, AddressSpace, DeviceIoStats, Namespace, Namespaces, PairId, Poller, Region,
+};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -317,20 +319,30 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
-        // Only the writeback byte is writable (virtio 1.2, 5.2.4 with CONFIG_WCE).
-        let off = offset as usize;
-        if self.shared.shape.volatile_cache
-            && off <= WRITEBACK_OFFSET
-            && WRITEBACK_OFFSET < off.saturating_add(buf.len())
-            && off < CONFIG_SIZE
-        {
-            let wb = buf[WRITEBACK_OFFSET - off] != 0;
-            self.shared.writeback.store(wb, Ordering::Relaxed);
-            log::info!(
-                "guest set the write cache to {}",
-                if wb { "write-back" } else { "write-through" }
-            );
+        // Only the writeback byte is writable, and only with CONFIG_WCE (virtio 1.2, 5.2.4).
+        // Anything else is ignored, counted and logged. (It should be refused with a failure
+        // reply, but vhost-user-backend 0.24 ends the whole connection on any handler error;
+        // the reply comes with leapd's own request handling.)
+        let refuse = |why: &str| {
+            self.shared.stats.count(crate::stats::Malformed::Config);
+            log_limited!(log::Level::Warn, "SET_CONFIG ignored: {why}");
+            Ok(())
+        };
+        if offset as usize != WRITEBACK_OFFSET || buf.len() != 1 {
+            return refuse(&format!(
+                "{} byte(s) at offset {offset}: only the writeback byte (offset {WRITEBACK_OFFSET}) is writable",
+                buf.len()
+            ));
         }
+        if !self.shared.shape.volatile_cache {
+            return refuse("the disk has no volatile cache (CONFIG_WCE is not offered)");
+        }
+        let wb = buf[0] != 0;
+        self.shared.writeback.store(wb, Ordering::Relaxed);
+        log::info!(
+            "guest set the write cache to {}",
+            if wb { "write-back" } else { "write-through" }
+        );
         Ok(())
     }
 

@@ -508,6 +508,14 @@ impl Driver {
             .map_err(vhost_err("SET_CONFIG"))
     }
 
+    /// Writes `bytes` at `offset` of the device's configuration space (SET_CONFIG, frontend
+    /// type), whatever the field: for tests of what a device refuses.
+    pub fn set_config_raw(&mut self, offset: u32, bytes: &[u8]) -> Result<(), DriverError> {
+        self.frontend
+            .set_config(offset, VhostUserConfigFlags::empty(), bytes)
+            .map_err(vhost_err("SET_CONFIG"))
+    }
+
     /// Guest memory, to fill and check data buffers (`vm_memory::Bytes`).
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem

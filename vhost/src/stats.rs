@@ -30,6 +30,8 @@ pub enum Malformed {
     Flags,
     /// Unknown request type.
     Unsupported,
+    /// A configuration-space write the device refused (read-only field, no CONFIG_WCE).
+    Config,
     /// The avail ring itself is invalid (index beyond the queue size).
     Ring,
 }
@@ -48,6 +50,7 @@ const NAMES: [&str; N] = [
     "too_many_segments",
     "flags",
     "unsupported",
+    "config",
     "ring",
 ];
 
