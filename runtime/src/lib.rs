@@ -15,6 +15,7 @@ pub mod nvmf;
 pub mod poller;
 pub mod ratelimit;
 pub mod stats;
+pub mod throttle;
 
 pub use addr::{AddrError, AddressSpace, Piece, Region};
 pub use controller::{AdminOutcome, Controller, ControllerConfig, ControllerKind, PropertyEffect};

@@ -504,9 +504,15 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
         }
         shared.stats.sleeps.fetch_add(1, Ordering::Relaxed);
         let slept_at = Instant::now();
+        // A command held back by a rate limit has no descriptor to wake us: look again soon.
+        let timeout = if pairs.iter().any(|p| !p.held.is_empty()) {
+            1
+        } else {
+            1000
+        };
         // SAFETY: `pollfds` is a valid array of pollfd of the given length.
         unsafe {
-            libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, 1000);
+            libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, timeout);
         }
         sleeping.store(false, Ordering::Relaxed);
         spin.slept(slept_at.elapsed());

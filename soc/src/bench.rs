@@ -125,7 +125,7 @@ fn run_case(backend_name: &str, qd: u16, a: &BenchArgs) -> Result<Row, String> {
     let pollers =
         crate::serve::start_pollers(&*platform, 1, Duration::from_micros(a.idle_spin_us), false)?;
     let ctx = DeviceContext {
-        ns: Namespace::new(backend),
+        ns: Namespace::with_limits(backend, &spec.limits),
         pollers: pollers.clone(),
         config: DeviceConfig {
             num_queues: 1,

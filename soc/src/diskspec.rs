@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 /// The syntax, for help texts and error messages.
 pub const DISK_SYNTAX: &str = "PATH[,size=SIZE][,direct=on|off][,readonly=on]  (PATH may be `null` or `ram`), or \
-     nvme-tcp://HOST:PORT/NQN[/NSID][,queues=N][,depth=N][,digest=on|off][,hostnqn=NQN][,timeout=30s]";
+     nvme-tcp://HOST:PORT/NQN[/NSID][,queues=N][,depth=N][,digest=on|off][,hostnqn=NQN][,timeout=30s]; \
+     any disk also takes rate limits [,iops=N][,iops-rd=N][,iops-wr=N][,bps=SIZE][,bps-rd=SIZE][,bps-wr=SIZE]";
 
 /// What kind of back end a disk spec names.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,6 +109,8 @@ pub struct DiskSpec {
     pub direct: bool,
     /// Read-only.
     pub read_only: bool,
+    /// Rate limits (`iops=`, `iops-rd=`, `iops-wr=`, `bps=`, `bps-rd=`, `bps-wr=`).
+    pub limits: leap_runtime::throttle::Limits,
 }
 
 /// Parses sizes like `8G`, `512M`, `4k`, `1T`, `4096` (binary units).
@@ -141,6 +144,29 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("bad size `{s}`: must be between 1 byte and 16 EiB"))
 }
 
+/// Sets a rate limit option; false if `k` is not one.
+fn limit(l: &mut leap_runtime::throttle::Limits, k: &str, v: &str) -> Result<bool, String> {
+    let slot = match k {
+        "iops" => &mut l.iops,
+        "iops-rd" => &mut l.iops_rd,
+        "iops-wr" => &mut l.iops_wr,
+        "bps" => &mut l.bps,
+        "bps-rd" => &mut l.bps_rd,
+        "bps-wr" => &mut l.bps_wr,
+        _ => return Ok(false),
+    };
+    let n = if k.starts_with("bps") {
+        parse_size(v)?
+    } else {
+        v.parse::<u64>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("bad value `{v}` for {k}: a number of commands per second"))?
+    };
+    *slot = Some(n);
+    Ok(true)
+}
+
 fn on_off(key: &str, v: &str) -> Result<bool, String> {
     match v {
         "on" | "true" | "yes" | "1" => Ok(true),
@@ -171,11 +197,15 @@ impl std::str::FromStr for DiskSpec {
             size: None,
             direct: false,
             read_only: false,
+            limits: Default::default(),
         };
         for opt in parts {
             let (k, v) = opt.split_once('=').ok_or_else(|| {
                 format!("bad disk option `{opt}`: expected key=value; syntax: {DISK_SYNTAX}")
             })?;
+            if limit(&mut spec.limits, k, v)? {
+                continue;
+            }
             if let DiskKind::NvmeTcp(t) = &mut spec.kind {
                 let num = |v: &str, max: u32| {
                     v.parse::<u32>()
@@ -246,6 +276,13 @@ mod tests {
             .unwrap_err()
             .contains("on or off"));
         assert!(",size=1G".parse::<DiskSpec>().is_err());
+        let d: DiskSpec = "ram,iops-wr=100,bps-rd=10M".parse().unwrap();
+        assert_eq!(
+            (d.limits.iops_wr, d.limits.bps_rd),
+            (Some(100), Some(10 << 20))
+        );
+        assert!("ram,iops=0".parse::<DiskSpec>().is_err());
+        assert!("ram,bps=fast".parse::<DiskSpec>().is_err());
     }
 
     #[test]

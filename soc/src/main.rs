@@ -105,6 +105,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
                 size,
                 direct: false,
                 read_only: false,
+                limits: Default::default(),
             };
             (dir.join("disk0.sock"), disk)
         }

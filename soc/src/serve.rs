@@ -112,7 +112,7 @@ pub fn run(
 ) -> Result<(), String> {
     let signals = crate::signals::block_termination()?;
     let backend = open_backend(&o.disk, o.block_size)?;
-    let ns = Namespace::new(backend.clone());
+    let ns = Namespace::with_limits(backend.clone(), &o.disk.limits);
     let cpus = platform.poller_cpus().len().max(1);
     let npollers = o
         .pollers

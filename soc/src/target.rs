@@ -80,7 +80,13 @@ pub fn run(platform: &dyn Platform, a: TargetArgs) -> Result<(), String> {
     for d in &a.disk {
         backends.push(crate::serve::open_backend(d, a.block_size)?);
     }
-    let nss = Namespaces::new(backends.iter().cloned().map(Namespace::new).collect());
+    let nss = Namespaces::new(
+        backends
+            .iter()
+            .zip(&a.disk)
+            .map(|(b, d)| Namespace::with_limits(b.clone(), &d.limits))
+            .collect(),
+    );
     let cfg = TargetConfig {
         nqn: a.nqn.clone(),
         allowed_hosts: a.allow_host.clone(),
