@@ -49,6 +49,17 @@ step() { # name, command...
   done_steps+=("$current:$(( $(date +%s) - t0 ))s")
 }
 
+# skipped NAME VAR: when VAR=1 asks to skip step NAME, says so and returns 0 (with CI=true that
+# is refused: nothing may be skipped there); otherwise returns 1.
+skipped() {
+  local name=$1 var=$2
+  [ "${!var:-0}" = 1 ] || return 1
+  if [ "${CI:-}" = true ]; then current=$name; echo "$var=1 is not allowed with CI=true" >&2; exit 1; fi
+  echo
+  echo "==> test.sh [$name] SKIPPED ($var=1)"
+  done_steps+=("$name:skipped")
+}
+
 if [ "$(id -u)" = 0 ]; then
   step deps env LEAP_INSTALL_ARM64="${LEAP_INSTALL_ARM64:-$aarch64}" scripts/install-deps.sh
 fi
@@ -64,24 +75,14 @@ step clippy cargo clippy --workspace --all-targets -- -D warnings
 # a hung test must not hang CI: LEAP_CARGO_TEST_TIMEOUT seconds (default 1800) for build + tests
 step cargo-test timeout -k 30 "${LEAP_CARGO_TEST_TIMEOUT:-1800}" cargo test --workspace --all-targets
 
-if [ "${LEAP_SKIP_FUZZ:-0}" = 1 ]; then
-  if [ "${CI:-}" = true ]; then current=fuzz; echo "LEAP_SKIP_FUZZ=1 is not allowed with CI=true" >&2; exit 1; fi
-  echo
-  echo "==> test.sh [fuzz] SKIPPED (LEAP_SKIP_FUZZ=1)"
-  done_steps+=("fuzz:skipped")
-else
+if ! skipped fuzz LEAP_SKIP_FUZZ; then
   step fuzz scripts/fuzz.sh "${LEAP_FUZZ_SECONDS:-20}"
 fi
 
 step loom env RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
   timeout -k 30 "${LEAP_CARGO_TEST_TIMEOUT:-1800}" cargo test -p leap-queues --lib --release -- loom
 
-if [ "${LEAP_SKIP_GUEST:-0}" = 1 ]; then
-  if [ "${CI:-}" = true ]; then current=guest; echo "LEAP_SKIP_GUEST=1 is not allowed with CI=true" >&2; exit 1; fi
-  echo
-  echo "==> test.sh [guest] SKIPPED (LEAP_SKIP_GUEST=1)"
-  done_steps+=("guest:skipped")
-else
+if ! skipped guest LEAP_SKIP_GUEST; then
   step release-build cargo build --release -p leap-soc
   step guest env LEAPD="${LEAPD:-$root/target/release/leapd}" tests/guest/guest-verify.sh --backend leapd
   step guest-4k env LEAPD="${LEAPD:-$root/target/release/leapd}" tests/guest/guest-verify.sh --backend leapd --block-size 4096

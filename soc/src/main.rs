@@ -52,17 +52,25 @@ struct ServeArgs {
     /// Permissions of the socket, in octal.
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
     socket_mode: u32,
-    /// Number of poller threads (default: one per queue, at most one per CPU).
+    #[command(flatten)]
+    poll: PollerArgs,
+}
+
+/// Poller options shared by `serve` and `target`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct PollerArgs {
+    /// Number of poller threads (default: serve, one per queue; target, one per CPU; at most
+    /// one per CPU and 4 for the target).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
-    pollers: Option<u16>,
+    pub pollers: Option<u16>,
     /// Longest time (µs) a poller keeps polling an idle disk before it sleeps; the actual window
     /// adapts below it (shrinks to zero when requests are sparse). Lower it on hosts where CPU is
     /// scarce, raise it for lower latency.
     #[arg(long, value_name = "US", default_value_t = 100)]
-    idle_spin_us: u64,
+    pub idle_spin_us: u64,
     /// Pin each poller to its own CPU.
     #[arg(long)]
-    pin: bool,
+    pub pin: bool,
 }
 
 pub(crate) fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -122,9 +130,9 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         queues: a.queues.unwrap_or_else(default_queues),
         block_size: a.block_size,
         socket_mode: a.socket_mode,
-        pollers: a.pollers.map(|p| p as usize),
-        idle_spin: Duration::from_micros(a.idle_spin_us),
-        pin: a.pin,
+        pollers: a.poll.pollers.map(|p| p as usize),
+        idle_spin: Duration::from_micros(a.poll.idle_spin_us),
+        pin: a.poll.pin,
     };
     let platform = platform::detect();
     serve::run(&*platform, &opts, |o| print_attach(o, embedded))

@@ -50,15 +50,8 @@ pub struct TargetArgs {
     /// Refuse header and data digests (hosts then run without them).
     #[arg(long)]
     no_digests: bool,
-    /// Number of poller threads (default: one per CPU, at most 4).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
-    pollers: Option<u16>,
-    /// Longest time (µs) a poller keeps polling before it sleeps.
-    #[arg(long, value_name = "US", default_value_t = 100)]
-    idle_spin_us: u64,
-    /// Pin each poller to its own CPU.
-    #[arg(long)]
-    pin: bool,
+    #[command(flatten)]
+    poll: crate::PollerArgs,
 }
 
 fn resolve(s: &str) -> Result<SocketAddr, String> {
@@ -100,9 +93,13 @@ pub fn run(platform: &dyn Platform, a: TargetArgs) -> Result<(), String> {
     };
     let sub = Subsystem::new(cfg, nss);
     let cpus = platform.poller_cpus().len().max(1);
-    let n = a.pollers.map_or(cpus.min(4), |p| p as usize).max(1);
-    let pollers =
-        crate::serve::start_pollers(platform, n, Duration::from_micros(a.idle_spin_us), a.pin)?;
+    let n = a.poll.pollers.map_or(cpus.min(4), |p| p as usize).max(1);
+    let pollers = crate::serve::start_pollers(
+        platform,
+        n,
+        Duration::from_micros(a.poll.idle_spin_us),
+        a.poll.pin,
+    )?;
     let target = Target::start(sub.clone(), &listen, pollers.clone()).map_err(|e| e.to_string())?;
     let (tx, rx) = std::sync::mpsc::channel();
     let sig_thread = crate::signals::on_termination(signals, move |sig| {

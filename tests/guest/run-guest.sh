@@ -27,7 +27,8 @@
 # cleanly; on failure the tail of the guest log (and QEMU's stderr) is printed.
 # bench: the guest's "GUEST-FIO ..." and "GUEST-STAT ..." lines are copied to stdout.
 # Env: QEMU (default qemu-system-x86_64), LEAP_GUEST_ACCEL (default tcg), LEAP_GUEST_CPU (default max),
-#      LEAP_GUEST_APPEND (extra kernel arguments; e.g. "loglevel=7" with LEAP_GUEST_QUIET=0 to see
+#      LEAP_GUEST_BOOT_TIMEOUT (s, default 90: a guest that has not reached init by then is
+#      booted once more — TCG occasionally stalls in early boot), LEAP_GUEST_APPEND (extra kernel arguments; e.g. "loglevel=7" with LEAP_GUEST_QUIET=0 to see
 #      the kernel's messages), LEAP_GUEST_QEMU_ARGS (extra QEMU arguments, split on spaces).
 set -euo pipefail
 
@@ -145,43 +146,68 @@ else
 fi
 
 start=$(date +%s.%N)
-set +e
-timeout -k 10 "$timeout_s" "$qemu" \
-  -accel "${LEAP_GUEST_ACCEL:-tcg}" -cpu "${LEAP_GUEST_CPU:-max}" \
-  -machine q35,memory-backend=mem \
-  -object "memory-backend-memfd,id=mem,size=$mem,share=on" -m "$mem" -smp "$smp" \
-  -nographic -monitor none -no-reboot \
-  -kernel "$kernel" -initrd "$run/initrd.cpio.gz" \
-  -append "$append" \
-  -serial "file:$log" \
-  "${dev_args[@]}" \
-  ${extra_qemu[@]+"${extra_qemu[@]}"} \
-  </dev/null >"$qerr" 2>&1 &
-qpid=$!
+launch() {
+  timeout -k 10 "$timeout_s" "$qemu" \
+    -accel "${LEAP_GUEST_ACCEL:-tcg}" -cpu "${LEAP_GUEST_CPU:-max}" \
+    -machine q35,memory-backend=mem \
+    -object "memory-backend-memfd,id=mem,size=$mem,share=on" -m "$mem" -smp "$smp" \
+    -nographic -monitor none -no-reboot \
+    -kernel "$kernel" -initrd "$run/initrd.cpio.gz" \
+    -append "$append" \
+    -serial "file:$log" \
+    "${dev_args[@]}" \
+    ${extra_qemu[@]+"${extra_qemu[@]}"} \
+    </dev/null >"$qerr" 2>&1 &
+  qpid=$!
+}
 # After the guest's poweroff QEMU stops the vhost-user device (GET_VRING_BASE), which waits for the
 # back end's in-flight requests: a back end that never completes them keeps QEMU alive. Give it
 # LEAP_GUEST_EXIT_GRACE seconds after the END marker, then kill it and say so.
 grace=${LEAP_GUEST_EXIT_GRACE:-15}
-end_seen="" hung_exit=0
-while kill -0 "$qpid" 2>/dev/null; do
-  if [ -z "$end_seen" ] && grep -q 'LEAP-GUEST: END' "$log" 2>/dev/null; then end_seen=$(date +%s); fi
-  if [ -n "$end_seen" ] && [ $(( $(date +%s) - end_seen )) -ge "$grace" ]; then
-    hung_exit=1
-    stop_qemu
-    break
+# Under TCG on this kind of machine a guest kernel occasionally stalls in early boot (RCU stall
+# warnings, "timer wakeup didn't happen") before init runs, whatever the back end: a guest that
+# has not reached init after LEAP_GUEST_BOOT_TIMEOUT seconds is booted once more, and said so.
+boot_limit=${LEAP_GUEST_BOOT_TIMEOUT:-90}
+attempt=1
+set +e
+while :; do
+  : > "$log"
+  launch
+  launched=$(date +%s)
+  end_seen="" hung_exit=0 boot_stall=0
+  while kill -0 "$qpid" 2>/dev/null; do
+    if [ -z "$end_seen" ] && grep -q 'LEAP-GUEST: END' "$log" 2>/dev/null; then end_seen=$(date +%s); fi
+    if [ -n "$end_seen" ] && [ $(( $(date +%s) - end_seen )) -ge "$grace" ]; then
+      hung_exit=1
+      stop_qemu
+      break
+    fi
+    if [ $(( $(date +%s) - launched )) -ge "$boot_limit" ] && ! grep -q 'LEAP-GUEST: BOOTED' "$log" 2>/dev/null; then
+      boot_stall=1
+      stop_qemu
+      break
+    fi
+    sleep 0.5
+  done
+  wait "$qpid"
+  qrc=$?
+  qpid=""
+  if [ "$boot_stall" = 1 ] && [ "$attempt" = 1 ]; then
+    echo "run-guest: the guest kernel did not reach init within ${boot_limit}s (a TCG boot stall; the job never ran); booting it again (first attempt's log: $log.stall)" >&2
+    mv "$log" "$log.stall"
+    attempt=2
+    continue
   fi
-  sleep 0.5
+  break
 done
-wait "$qpid"
-qrc=$?
-qpid=""
 set -e
 elapsed=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
 
 # drop CRs and the firmware's terminal escape sequences so markers start their lines
 sed 's/\r//g; s/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g' "$log" > "$log.tmp" && mv "$log.tmp" "$log"
 status=ok reason=""
-if [ "$hung_exit" = 1 ]; then status=fail reason="QEMU did not exit within ${grace}s of the guest's poweroff (back end never finished in-flight I/O / GET_VRING_BASE?)"
+if [ "$boot_stall" = 1 ]; then status=fail reason="the guest kernel did not reach init within ${boot_limit}s, twice (TCG boot stall)"
+elif [ "$hung_exit" = 1 ]; then status=fail reason="QEMU did not exit within ${grace}s of the guest's poweroff (back end never finished in-flight I/O / GET_VRING_BASE?)"
 elif [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then status=fail reason="QEMU killed after the ${timeout_s}s timeout"
 elif [ "$qrc" != 0 ]; then status=fail reason="QEMU exited with status $qrc"
 fi

@@ -25,22 +25,27 @@ pub struct TestServer {
     _dir: tempfile::TempDir,
 }
 
+/// `n` pollers named `name0`, `name1`, ... with a short idle spin (tests share two cores).
+pub fn spawn_pollers(n: usize, name: &str) -> Vec<Poller> {
+    (0..n)
+        .map(|i| {
+            Poller::spawn(PollerConfig {
+                name: format!("{name}{i}"),
+                idle_spin: Duration::from_micros(20),
+                cpu: None,
+            })
+            .expect("poller")
+        })
+        .collect()
+}
+
 impl TestServer {
     /// Serves `backend` with `queues` queues and `pollers` pollers.
     pub fn start(backend: Arc<dyn Backend>, queues: u16, pollers: usize) -> TestServer {
         let _ = env_logger::builder().is_test(true).try_init();
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("leap.sock");
-        let pollers: Vec<Poller> = (0..pollers)
-            .map(|i| {
-                Poller::spawn(PollerConfig {
-                    name: format!("test-poller{i}"),
-                    idle_spin: Duration::from_micros(20),
-                    cpu: None,
-                })
-                .expect("poller")
-            })
-            .collect();
+        let pollers = spawn_pollers(pollers, "test-poller");
         let stats = Arc::new(VhostStats::default());
         let io_stats = Arc::new(DeviceIoStats::new(queues as usize));
         let pollers = Arc::new(pollers);

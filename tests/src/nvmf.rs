@@ -6,7 +6,7 @@ use leap_queues::{Sqe, Status};
 use leap_runtime::backend::{Backend, BackendQueue, IoOp, IoRequest, Submitted};
 use leap_runtime::nvmf::initiator::{InitiatorConfig, NvmeTcpBackend};
 use leap_runtime::nvmf::target::{Subsystem, Target, TargetConfig};
-use leap_runtime::{Namespace, Namespaces, Poller, PollerConfig};
+use leap_runtime::{Namespace, Namespaces, Poller};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,17 +29,7 @@ impl TestTarget {
         let _ = env_logger::builder().is_test(true).try_init();
         let nss = Namespaces::new(disks.into_iter().map(Namespace::new).collect());
         let sub = Subsystem::new(cfg, nss);
-        let pollers: Vec<Poller> = (0..pollers)
-            .map(|i| {
-                Poller::spawn(PollerConfig {
-                    name: format!("tgt-poller{i}"),
-                    idle_spin: Duration::from_micros(20),
-                    cpu: None,
-                })
-                .expect("poller")
-            })
-            .collect();
-        let pollers = Arc::new(pollers);
+        let pollers = Arc::new(crate::spawn_pollers(pollers, "tgt-poller"));
         let target = Target::start(
             sub.clone(),
             &["127.0.0.1:0".parse().expect("addr")],

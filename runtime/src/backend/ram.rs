@@ -31,24 +31,11 @@ impl RamBackend {
                 "RAM disk size must be at least one block".into(),
             ));
         }
-        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(BackendError::Io {
-                what: "mmap",
-                path: "ram".into(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
+        let base = crate::mem::map_anonymous(len).map_err(|source| BackendError::Io {
+            what: "mmap",
+            path: "ram".into(),
+            source,
+        })?;
         // SAFETY: sysconf has no memory-safety preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
         // Transparent huge pages cut TLB misses on random access, then populate (Linux 5.14's
@@ -57,8 +44,8 @@ impl RamBackend {
         const MADV_POPULATE_WRITE: i32 = 23;
         // SAFETY: advising our own fresh mapping.
         unsafe {
-            libc::madvise(base, len, libc::MADV_HUGEPAGE);
-            libc::madvise(base, len, MADV_POPULATE_WRITE);
+            libc::madvise(base.cast(), len, libc::MADV_HUGEPAGE);
+            libc::madvise(base.cast(), len, MADV_POPULATE_WRITE);
         }
         Ok(std::sync::Arc::new(RamBackend {
             info: DiskInfo {
@@ -71,7 +58,7 @@ impl RamBackend {
                 max_transfer: 0,
                 serial: "leap-ram".into(),
             },
-            base: base.cast(),
+            base,
             page,
         }))
     }

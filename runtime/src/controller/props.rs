@@ -17,6 +17,8 @@ pub mod reg {
     pub const CC: u32 = 0x14;
     /// Controller Status (4 bytes).
     pub const CSTS: u32 = 0x1c;
+    /// NVM Subsystem Reset (4 bytes; not supported here, but a Fabrics peer may name it).
+    pub const NSSR: u32 = 0x20;
 }
 
 /// Controller Configuration fields (Base Specification 2.0, figure 41).
@@ -39,6 +41,11 @@ pub mod cc {
     pub const IOCQES_SHIFT: u32 = 20;
     /// The bits a host may write (CRIME, bit 24, needs CAP.CRMS, which is not advertised).
     pub const WRITABLE: u32 = 0x00ff_fff1;
+    /// What a host writes to enable a controller: EN, the NVM command set, 4 KiB pages, round
+    /// robin, 64-byte submission and 16-byte completion entries.
+    pub const ENABLE: u32 = EN | (6 << IOSQES_SHIFT) | (4 << IOCQES_SHIFT);
+    /// SHN = 01b: normal shutdown.
+    pub const SHN_NORMAL: u32 = 0b01 << SHN_SHIFT;
 }
 
 /// Controller Status fields (Base Specification 2.0, figure 42).

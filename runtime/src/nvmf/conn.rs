@@ -608,27 +608,6 @@ pub fn wait_for(fd: RawFd, events: i16, deadline: std::time::Instant) -> bool {
     n != 0
 }
 
-/// Receives a whole ICReq/ICResp-sized message (blocking helper for connection set-up on the
-/// control path, with the socket's own timeout).
-pub fn read_exact_blocking(fd: RawFd, buf: &mut [u8]) -> Result<(), ConnError> {
-    let mut got = 0;
-    while got < buf.len() {
-        // SAFETY: the pointer and length describe the unfilled tail of `buf`.
-        let n = unsafe { libc::recv(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got, 0) };
-        if n > 0 {
-            got += n as usize;
-        } else if n == 0 {
-            return Err(ConnError::Closed);
-        } else {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINTR) {
-                return Err(ConnError::Io(e));
-            }
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -581,20 +581,8 @@ impl ConnectResult {
 // ---------------------------------------------------------------------------------------------
 // Properties.
 
-/// Controller property offsets (NVMe Base 2.0, "Controller Properties"; NVMe-oF 1.1, section
-/// 3.5).
-pub mod reg {
-    /// Controller Capabilities (8 bytes).
-    pub const CAP: u32 = 0x00;
-    /// Version (4 bytes).
-    pub const VS: u32 = 0x08;
-    /// Controller Configuration (4 bytes).
-    pub const CC: u32 = 0x14;
-    /// Controller Status (4 bytes).
-    pub const CSTS: u32 = 0x1c;
-    /// NVM Subsystem Reset (4 bytes).
-    pub const NSSR: u32 = 0x20;
-}
+/// Controller property offsets (the controller's own map, re-exported for property commands).
+pub use crate::controller::reg;
 
 /// Size of a property access (ATTRIB bits 2:0 of CDW10).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -190,8 +190,7 @@ fn admin_connect(sh: &Shared) -> Result<(HostConn, Vec<u8>, u16), HostError> {
         &[],
         None,
     )?);
-    // CC: EN, IOSQES 6 (64 bytes), IOCQES 4 (16 bytes), NVM command set, 4 KiB pages.
-    let cc = 1 | (6 << 16) | (4 << 20);
+    let cc = u64::from(crate::controller::cc::ENABLE);
     a.ok(
         "Property Set CC",
         property_set_sqe(0, reg::CC, PropSize::Four, cc),
@@ -520,7 +519,7 @@ fn control(sh: Arc<Shared>, mut admin: Option<HostConn>) {
                 0,
                 fabrics::reg::CC,
                 fabrics::PropSize::Four,
-                1 | (6 << 16) | (4 << 20) | (1 << 14),
+                u64::from(crate::controller::cc::ENABLE | crate::controller::cc::SHN_NORMAL),
             ),
             &[],
             None,

@@ -54,24 +54,8 @@ impl BufPool {
             return Err(bad());
         }
         let len = n.checked_mul(slot).ok_or_else(bad)?;
-        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let map = Arc::new(Mapping {
-            base: base.cast(),
-            len,
-        });
+        let base = crate::mem::map_anonymous(len)?;
+        let map = Arc::new(Mapping { base, len });
         let keep: Arc<dyn std::any::Any + Send + Sync> = map.clone();
         let aspace = AddressSpace::new(
             vec![Region {
