@@ -10,7 +10,7 @@ pub mod backend;
 pub mod controller;
 mod eventfd;
 pub mod exec;
-mod mem;
+pub mod mem;
 mod notify;
 pub mod nvmf;
 pub mod poller;

@@ -129,15 +129,18 @@ fn negotiates_features_and_config() {
     df.set_writeback(false).expect("writeback byte");
     assert!(!df.config().unwrap().writeback);
     for (offset, len) in [(0u32, 8usize), (20, 4), (32, 2)] {
-        // Ignored and counted (see BlkDevice::set_config for why not refused yet).
-        df.set_config_raw(offset, &vec![0xff; len]).unwrap();
+        // Refused with a failure reply, counted, and the connection goes on.
+        assert!(
+            df.set_config_raw(offset, &vec![0xff; len]).is_err(),
+            "SET_CONFIG of {len} byte(s) at {offset} accepted"
+        );
     }
     let after = df.config().unwrap();
     assert_eq!(after.capacity, MIB / 512, "capacity untouched");
     assert!(!after.writeback, "writeback untouched by the wider writes");
     assert_eq!(sf.stats.get(Malformed::Config), 3);
-    // A disk without a volatile cache ignores even the writeback byte.
-    d.set_writeback(true).unwrap();
+    // A disk without a volatile cache refuses even the writeback byte.
+    assert!(d.set_writeback(true).is_err());
     assert!(
         !d.config().unwrap().writeback,
         "no CONFIG_WCE, no writeback switch"

@@ -1,31 +1,39 @@
-//! The vhost-user-blk device: features, configuration space, memory table, and the binding of
-//! each virtqueue to a queue pair on a poller. One `BlkDevice` serves one connection.
+//! The vhost-user-blk device of one connection: leapd's own handling of the front end's requests
+//! (on the `vhost` crate's [`VhostUserBackendReqHandlerMut`]), the configuration space, the
+//! memory table, inflight regions, and the binding of each started virtqueue to a queue pair on
+//! a poller.
+//!
+//! Every request is checked before it changes anything; a request that cannot be honoured is
+//! refused (the front end gets a failure reply when it asked for one with REPLY_ACK), counted as
+//! `malformed_message`, and logged rate-limited, and the connection goes on. There are no worker
+//! threads: the poller that owns a queue waits on its kick eventfd itself.
 
 use crate::config::{feature, BlkConfig, WRITEBACK_OFFSET};
-use crate::queue::BlkQueue;
-use crate::stats::VhostStats;
-use leap_runtime::{
-    log_limited, AddressSpace, DeviceIoStats, Namespace, Namespaces, PairId, Poller, Region,
-};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::inflight::{self, QueueTracker};
+use crate::queue::{BlkQueue, RingSetup, Signal};
+use crate::region::MemoryTable;
+use crate::stats::{Malformed, VhostStats};
+use leap_runtime::{log_limited, DeviceIoStats, Namespace, Namespaces, PairId, Poller};
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueT;
-use vm_memory::{
-    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
+    VhostUserInflight, VhostUserLog, VhostUserMemoryRegion,
+    VhostUserProtocolFeatures, VhostUserSharedMsg, VhostUserShMemConfig,
+    VhostUserSingleMemoryRegion, VhostUserVirtioFeatures, VhostUserVringAddrFlags,
+    VhostUserVringState,
 };
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vhost::VhostUserMemoryRegionBase;
+use vhost::vhost_user::{Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut};
 
 /// Device parameters that are not properties of the disk.
 #[derive(Clone, Debug)]
 pub struct DeviceConfig {
     /// Number of request queues offered.
     pub num_queues: u16,
-    /// Largest virtqueue size accepted.
+    /// Largest virtqueue size accepted (a power of two).
     pub max_queue_size: u16,
     /// Most data segments per request (`seg_max`).
     pub seg_max: u32,
@@ -33,6 +41,9 @@ pub struct DeviceConfig {
     pub size_max: u32,
     /// Most discard segments per request.
     pub max_discard_seg: u32,
+    /// Offer inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), so a restarted leapd
+    /// resubmits what a crashed one held. Off only to show what goes wrong without it.
+    pub inflight: bool,
 }
 
 impl Default for DeviceConfig {
@@ -43,6 +54,7 @@ impl Default for DeviceConfig {
             seg_max: 126,
             size_max: 256 << 10,
             max_discard_seg: 32,
+            inflight: true,
         }
     }
 }
@@ -71,22 +83,15 @@ pub(crate) struct Shared {
     /// Write-back (true) or write-through (false) cache, as the guest last set it.
     pub writeback: AtomicBool,
     pub stats: Arc<VhostStats>,
-    memory: Mutex<Memory>,
+    memory: Mutex<MemoryTable>,
     /// Bumped (Release) after `memory` changes; queues check it (Acquire) once per round and
     /// take a new snapshot only then, so the data path never touches the lock.
     pub memory_gen: AtomicU64,
 }
 
-/// The guest memory as of one memory table: the mapping and its address space.
-#[derive(Clone)]
-pub(crate) struct Memory {
-    pub mem: Arc<GuestMemoryMmap>,
-    pub aspace: Arc<AddressSpace>,
-}
-
 impl Shared {
     /// The current memory and its generation.
-    pub fn memory(&self) -> (Memory, u64) {
+    pub fn memory(&self) -> (MemoryTable, u64) {
         let g = self.memory_gen.load(Ordering::Acquire);
         let m = self
             .memory
@@ -116,19 +121,73 @@ pub struct DeviceContext {
     pub writeback: bool,
 }
 
+/// Split-ring addresses of one virtqueue, as guest addresses.
+#[derive(Clone, Copy, Debug)]
+struct RingAddrs {
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+/// What the front end told us about one virtqueue.
+struct Ring {
+    size: u16,
+    addrs: Option<RingAddrs>,
+    /// SET_VRING_BASE, or where the ring stopped.
+    base: u16,
+    kick: Option<File>,
+    call: Arc<Signal>,
+    _err: Option<File>,
+    enabled: bool,
+    /// The poller and pair serving the ring while it runs.
+    running: Option<(usize, PairId)>,
+    /// Where the port leaves its next avail index when it is dropped.
+    stopped_at: Arc<AtomicU32>,
+}
+
+impl Ring {
+    fn new() -> Self {
+        Ring {
+            size: 0,
+            addrs: None,
+            base: 0,
+            kick: None,
+            call: Arc::new(Signal::default()),
+            _err: None,
+            enabled: false,
+            running: None,
+            stopped_at: Arc::new(AtomicU32::new(0)),
+        }
+    }
+}
+
 /// A vhost-user-blk device for one connection.
 pub struct BlkDevice {
     ctx: DeviceContext,
     /// The one namespace (NSID 1) every queue's commands go to.
     nss: Arc<Namespaces>,
     shared: Arc<Shared>,
-    pairs: Mutex<Vec<Option<(usize, PairId)>>>,
-    exit: Vec<(Mutex<Option<EventConsumer>>, EventNotifier)>,
+    acked_features: u64,
+    acked_protocol: u64,
+    table: MemoryTable,
+    rings: Vec<Ring>,
+    inflight: Option<Arc<inflight::Region>>,
+    /// A request failed without a reply the front end waits for: the connection must end.
+    hangup: bool,
+}
+
+fn refused(stats: &VhostStats, why: String) -> VuError {
+    stats.count(Malformed::Message);
+    log_limited!(log::Level::Warn, "vhost-user request refused: {why}");
+    VuError::ReqHandlerError(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        why,
+    ))
 }
 
 impl BlkDevice {
-    /// A device for one connection. Guest memory arrives through `update_memory`.
-    pub fn new(ctx: DeviceContext) -> std::io::Result<Arc<Self>> {
+    /// A device for one connection.
+    pub fn new(ctx: DeviceContext) -> Self {
         let info = ctx.ns.info();
         let shared = Arc::new(Shared {
             shape: DiskShape {
@@ -144,23 +203,31 @@ impl BlkDevice {
             },
             writeback: AtomicBool::new(ctx.writeback && info.volatile_cache),
             stats: ctx.stats.clone(),
-            memory: Mutex::new(Memory {
-                mem: Arc::new(GuestMemoryMmap::new()),
-                aspace: Arc::new(AddressSpace::empty()),
-            }),
+            memory: Mutex::new(MemoryTable::empty()),
             memory_gen: AtomicU64::new(0),
         });
-        // One worker thread (see `queues_per_thread`), one exit event.
-        let (c, n) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
-        let exit = vec![(Mutex::new(Some(c)), n)];
-        let n = ctx.config.num_queues as usize;
-        Ok(Arc::new(BlkDevice {
+        let rings = (0..ctx.config.num_queues).map(|_| Ring::new()).collect();
+        BlkDevice {
             nss: Namespaces::single(ctx.ns.clone()),
             ctx,
             shared,
-            pairs: Mutex::new(vec![None; n]),
-            exit,
-        }))
+            acked_features: 0,
+            acked_protocol: 0,
+            table: MemoryTable::empty(),
+            rings,
+            inflight: None,
+            hangup: false,
+        }
+    }
+
+    /// Whether a refused request left the front end waiting for a reply it will never get (the
+    /// connection must then end). Clears the flag.
+    pub fn take_hangup(&mut self) -> bool {
+        std::mem::take(&mut self.hangup)
+    }
+
+    fn refuse(&self, why: impl Into<String>) -> VuError {
+        refused(&self.shared.stats, why.into())
     }
 
     /// The configuration space values.
@@ -197,81 +264,8 @@ impl BlkDevice {
         }
     }
 
-    /// Queue pair capsule size: enough for an SGL of `seg_max` descriptors or the discard ranges.
-    fn capsule_bytes(&self) -> usize {
-        16 * (self.ctx.config.seg_max as usize + 2).max(self.shared.shape.max_discard_seg as usize)
-    }
-
-    fn attach(&self, q: usize, vring: &VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>) {
-        let Ok(mut pairs) = self.pairs.lock() else {
-            return;
-        };
-        if pairs.get(q).is_none_or(|p| p.is_some()) {
-            return;
-        }
-        // One depth for both sides: the pair needs at least 2 entries, and the port's per-cid
-        // table must cover every cid the pair can hand out (a 1-entry virtqueue is legal).
-        let depth = vring.get_ref().get_queue().size().max(2);
-        let port = BlkQueue::new(q as u16, vring.clone(), self.shared.clone(), depth);
-        let pi = q % self.ctx.pollers.len();
-        match self.ctx.pollers[pi].attach(
-            Box::new(port),
-            self.nss.clone(),
-            depth,
-            self.capsule_bytes(),
-            self.ctx.io_stats.queue(q),
-        ) {
-            Ok(id) => {
-                log::debug!("queue {q} ({depth} entries) attached to poller {pi}");
-                pairs[q] = Some((pi, id));
-            }
-            Err(e) => log::error!("queue {q}: cannot attach to poller: {e}"),
-        }
-    }
-
-    fn detach(&self, q: usize) {
-        let taken = self
-            .pairs
-            .lock()
-            .ok()
-            .and_then(|mut p| p.get_mut(q).and_then(|s| s.take()));
-        if let Some((pi, id)) = taken {
-            // Waits until every in-flight request of the queue has been completed to the guest.
-            if let Err(e) = self.ctx.pollers[pi].detach(id) {
-                log::error!("queue {q}: detach: {e}");
-            }
-            log::debug!("queue {q} detached");
-        }
-    }
-
-    /// Stops every queue, completing what is in flight. Called when the connection ends.
-    pub fn shutdown(&self) {
-        for q in 0..self.ctx.config.num_queues as usize {
-            self.detach(q);
-        }
-    }
-
-    /// Wakes the worker threads so they exit.
-    pub fn send_exit_events(&self) {
-        for (_, n) in &self.exit {
-            let _ = n.notify();
-        }
-    }
-}
-
-impl VhostUserBackend for BlkDevice {
-    type Bitmap = ();
-    type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
-
-    fn num_queues(&self) -> usize {
-        self.ctx.config.num_queues as usize
-    }
-
-    fn max_queue_size(&self) -> usize {
-        self.ctx.config.max_queue_size as usize
-    }
-
-    fn features(&self) -> u64 {
+    /// Virtio features offered.
+    pub fn features(&self) -> u64 {
         let mut f = 1u64 << feature::VERSION_1
             | 1 << feature::RING_EVENT_IDX
             | 1 << feature::RING_INDIRECT_DESC
@@ -300,42 +294,407 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
+        let mut p = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        if self.ctx.config.inflight {
+            p |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
+        p
     }
 
-    fn set_event_idx(&self, _enabled: bool) {
-        // The library configures the vrings; queues ask them (`needs_notification`).
+    /// Queue pair capsule size: enough for an SGL of `seg_max` descriptors or the discard ranges.
+    fn capsule_bytes(&self) -> usize {
+        16 * (self.ctx.config.seg_max as usize + 2).max(self.shared.shape.max_discard_seg as usize)
     }
 
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+    fn ring_index(&self, index: u32) -> VuResult<usize> {
+        let q = index as usize;
+        if q < self.rings.len() {
+            Ok(q)
+        } else {
+            Err(self.refuse(format!(
+                "queue {index} does not exist (the device has {})",
+                self.rings.len()
+            )))
+        }
+    }
+
+    fn running(&self, q: usize) -> VuResult<()> {
+        if self.rings[q].running.is_some() {
+            Err(self.refuse(format!("queue {q} is running")))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Starts ring `q` if everything it needs has arrived and it is enabled.
+    fn try_start(&mut self, q: usize) -> VuResult<()> {
+        let protocol = self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        let r = &self.rings[q];
+        // Without PROTOCOL_FEATURES a ring is enabled once it has a kick (vhost-user, "Ring
+        // states"); with it, SET_VRING_ENABLE decides.
+        if r.running.is_some() || r.kick.is_none() || protocol && !r.enabled {
+            return Ok(());
+        }
+        let (Some(addrs), size) = (r.addrs, r.size) else {
+            return Err(self.refuse(format!("queue {q} started before its size and addresses")));
+        };
+        if size == 0 {
+            return Err(self.refuse(format!("queue {q} started before its size")));
+        }
+        if self.table.is_empty() {
+            return Err(self.refuse(format!("queue {q} started before the memory table")));
+        }
+        let mem = self.table.mem.clone();
+        let mut queue = virtio_queue::Queue::new(self.ctx.config.max_queue_size)
+            .map_err(|e| self.refuse(format!("queue {q}: {e}")))?;
+        use virtio_queue::QueueT;
+        queue.set_size(size);
+        queue.set_desc_table_address(Some(addrs.desc as u32), Some((addrs.desc >> 32) as u32));
+        queue.set_avail_ring_address(Some(addrs.avail as u32), Some((addrs.avail >> 32) as u32));
+        queue.set_used_ring_address(Some(addrs.used as u32), Some((addrs.used >> 32) as u32));
+        queue.set_event_idx(self.acked_features & (1 << feature::RING_EVENT_IDX) != 0);
+        queue.set_ready(true);
+        if !queue.is_valid(&*mem) {
+            return Err(self.refuse(format!(
+                "queue {q}: its rings are not inside guest memory"
+            )));
+        }
+        // Where to continue: from the inflight region when there is one (requests the previous
+        // back end took but never completed come back first), else from SET_VRING_BASE.
+        let mut tracker = None;
+        let mut resubmit = Vec::new();
+        if let Some(region) = &self.inflight {
+            let used_idx = queue
+                .used_idx(&*mem, Ordering::Acquire)
+                .map_err(|e| self.refuse(format!("queue {q}: used ring: {e}")))?
+                .0;
+            let mut t = QueueTracker::new(region.clone(), q as u16, size)
+                .map_err(|e| self.refuse(format!("queue {q}: {e}")))?;
+            resubmit = t
+                .recover(used_idx)
+                .map_err(|e| self.refuse(format!("queue {q}: {e}")))?;
+            queue.set_next_used(used_idx);
+            queue.set_next_avail(used_idx.wrapping_add(resubmit.len() as u16));
+            if !resubmit.is_empty() {
+                log::info!(
+                    "queue {q}: resubmitting {} request(s) a previous back end left in flight",
+                    resubmit.len()
+                );
+            }
+            tracker = Some(t);
+        } else {
+            queue.set_next_avail(r.base);
+            queue.set_next_used(r.base);
+        }
+        let kick = r
+            .kick
+            .as_ref()
+            .and_then(|k| k.try_clone().ok())
+            .ok_or_else(|| self.refuse(format!("queue {q}: cannot duplicate its kick fd")))?;
+        let depth = size.max(2);
+        let port = BlkQueue::new(RingSetup {
+            index: q as u16,
+            queue,
+            kick,
+            call: r.call.clone(),
+            shared: self.shared.clone(),
+            depth,
+            tracker,
+            resubmit,
+            stopped_at: r.stopped_at.clone(),
+        });
+        let pi = q % self.ctx.pollers.len();
+        match self.ctx.pollers[pi].attach(
+            Box::new(port),
+            self.nss.clone(),
+            depth,
+            self.capsule_bytes(),
+            self.ctx.io_stats.queue(q),
+        ) {
+            Ok(id) => {
+                log::debug!("queue {q} ({size} entries) started on poller {pi}");
+                self.rings[q].running = Some((pi, id));
+                Ok(())
+            }
+            Err(e) => Err(self.refuse(format!("queue {q}: cannot attach to a poller: {e}"))),
+        }
+    }
+
+    /// Stops ring `q` if it runs: no new requests are taken, in-flight ones complete to the
+    /// guest, and the ring's base becomes where it stopped.
+    fn stop(&mut self, q: usize) {
+        let Some((pi, id)) = self.rings[q].running.take() else {
+            return;
+        };
+        match self.ctx.pollers[pi].detach(id) {
+            Ok(port) => drop(port),
+            Err(e) => log::error!("queue {q}: detach: {e}"),
+        }
+        let r = &mut self.rings[q];
+        r.base = r.stopped_at.load(Ordering::Acquire) as u16;
+        log::debug!("queue {q} stopped at {}", r.base);
+    }
+
+    /// Stops every queue, completing what is in flight. Called when the connection ends.
+    pub fn shutdown(&mut self) {
+        for q in 0..self.rings.len() {
+            self.stop(q);
+        }
+    }
+
+    fn reset(&mut self) {
+        self.shutdown();
+        for r in self.rings.iter_mut() {
+            *r = Ring::new();
+        }
+        self.acked_features = 0;
+        self.inflight = None;
+    }
+
+    fn check_ring_layout(&self, q: usize, a: &RingAddrsVa) -> VuResult<RingAddrs> {
+        let size = self.rings[q].size as u64;
+        if size == 0 {
+            return Err(self.refuse(format!("queue {q}: SET_VRING_ADDR before SET_VRING_NUM")));
+        }
+        if self.table.is_empty() {
+            return Err(self.refuse(format!("queue {q}: SET_VRING_ADDR before SET_MEM_TABLE")));
+        }
+        // virtio 1.2, 2.7: alignment and size of each part of a split ring.
+        let parts = [
+            ("descriptor table", a.desc, 16 * size, 16),
+            ("avail ring", a.avail, 6 + 2 * size, 2),
+            ("used ring", a.used, 6 + 8 * size, 4),
+        ];
+        let mut gpa = [0u64; 3];
+        for (k, (what, va, len, align)) in parts.into_iter().enumerate() {
+            if va % align != 0 {
+                return Err(self.refuse(format!(
+                    "queue {q}: {what} at {va:#x} is not {align}-byte aligned"
+                )));
+            }
+            gpa[k] = self.table.va_to_gpa(va, len).ok_or_else(|| {
+                self.refuse(format!(
+                    "queue {q}: {what} at {va:#x} ({len} bytes) is not inside one memory region"
+                ))
+            })?;
+        }
+        Ok(RingAddrs {
+            desc: gpa[0],
+            avail: gpa[1],
+            used: gpa[2],
+        })
+    }
+}
+
+struct RingAddrsVa {
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+fn unsupported<T>(this: &BlkDevice, what: &str) -> VuResult<T> {
+    Err(this.refuse(format!("{what} is not supported")))
+}
+
+impl VhostUserBackendReqHandlerMut for BlkDevice {
+    fn set_owner(&mut self) -> VuResult<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VuResult<()> {
+        self.reset();
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VuResult<()> {
+        self.reset();
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VuResult<u64> {
+        Ok(self.features())
+    }
+
+    fn set_features(&mut self, features: u64) -> VuResult<()> {
+        let extra = features & !self.features();
+        if extra != 0 {
+            return Err(self.refuse(format!(
+                "SET_FEATURES acks features never offered ({extra:#x})"
+            )));
+        }
+        self.acked_features = features;
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        regions: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        let table = MemoryTable::build(regions, files).map_err(|e| self.refuse(e.to_string()))?;
+        // Only a table that passed every check replaces the current one. Queues pick it up at
+        // their next round; the old mappings live until I/O that used them completes.
+        if let Ok(mut m) = self.shared.memory.lock() {
+            *m = table.clone();
+        }
+        self.shared.memory_gen.fetch_add(1, Ordering::Release);
+        self.table = table;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        let q = self.ring_index(index)?;
+        self.running(q)?;
+        let max = self.ctx.config.max_queue_size as u32;
+        if num == 0 || !num.is_power_of_two() || num > max {
+            return Err(self.refuse(format!(
+                "queue {q}: size {num} is not a power of two from 1 to {max}"
+            )));
+        }
+        self.rings[q].size = num as u16;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        let q = self.ring_index(index)?;
+        self.running(q)?;
+        if flags.contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG) {
+            return Err(self.refuse(format!("queue {q}: dirty logging is not supported")));
+        }
+        let addrs = self.check_ring_layout(
+            q,
+            &RingAddrsVa {
+                desc: descriptor,
+                avail: available,
+                used,
+            },
+        )?;
+        self.rings[q].addrs = Some(addrs);
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        let q = self.ring_index(index)?;
+        self.running(q)?;
+        let base = u16::try_from(base)
+            .map_err(|_| self.refuse(format!("queue {q}: base {base} is not a split-ring index")))?;
+        self.rings[q].base = base;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        let q = match self.ring_index(index) {
+            Ok(q) => q,
+            Err(e) => {
+                // No reply goes out on an error, and the front end waits for one.
+                self.hangup = true;
+                return Err(e);
+            }
+        };
+        // Stops the ring (vhost-user, "Ring states"); a new kick starts it again.
+        self.stop(q);
+        self.rings[q].kick = None;
+        Ok(VhostUserVringState::new(index, self.rings[q].base as u32))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let q = self.ring_index(index as u32)?;
+        let Some(fd) = fd else {
+            return Err(self.refuse(format!(
+                "queue {q}: a kick file descriptor is required (polling mode is not supported)"
+            )));
+        };
+        // The poller reads it only when poll(2) says it is readable, and never blocks on it.
+        let flags = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GETFL)
+            .map_err(|e| self.refuse(format!("queue {q}: kick fd: {e}")))?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))
+            .map_err(|e| self.refuse(format!("queue {q}: kick fd: {e}")))?;
+        // A new kick for a running ring: restart it on the new descriptor.
+        self.stop(q);
+        self.rings[q].kick = Some(fd);
+        self.try_start(q)
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let q = self.ring_index(index as u32)?;
+        // Swapped in place: a running queue signals the new descriptor from its next round.
+        self.rings[q].call.set(fd);
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let q = self.ring_index(index as u32)?;
+        self.rings[q]._err = fd;
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(self.protocol_features())
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        let extra = features & !self.protocol_features().bits();
+        if extra != 0 {
+            return Err(self.refuse(format!(
+                "SET_PROTOCOL_FEATURES acks features never offered ({extra:#x})"
+            )));
+        }
+        self.acked_protocol = features;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VuResult<u64> {
+        Ok(self.rings.len() as u64)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        let q = self.ring_index(index)?;
+        self.rings[q].enabled = enable;
+        if enable {
+            self.try_start(q)
+        } else {
+            self.stop(q);
+            Ok(())
+        }
+    }
+
+    fn get_config(&mut self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
         // Guests read the whole (growing) struct; answer zeros past what we define, within reason.
         let size = (size as usize).min(4096);
         let bytes = self.blk_config().to_bytes();
-        (0..size)
+        Ok((0..size)
             .map(|i| bytes.get(offset as usize + i).copied().unwrap_or(0))
-            .collect()
+            .collect())
     }
 
-    fn set_config(&self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
+    fn set_config(&mut self, offset: u32, buf: &[u8], _flags: VhostUserConfigFlags) -> VuResult<()> {
         // Only the writeback byte is writable, and only with CONFIG_WCE (virtio 1.2, 5.2.4).
-        // Anything else is ignored, counted and logged. (It should be refused with a failure
-        // reply, but vhost-user-backend 0.24 ends the whole connection on any handler error;
-        // the reply comes with leapd's own request handling.)
-        let refuse = |why: &str| {
-            self.shared.stats.count(crate::stats::Malformed::Config);
-            log_limited!(log::Level::Warn, "SET_CONFIG ignored: {why}");
-            Ok(())
-        };
         if offset as usize != WRITEBACK_OFFSET || buf.len() != 1 {
-            return refuse(&format!(
-                "{} byte(s) at offset {offset}: only the writeback byte (offset {WRITEBACK_OFFSET}) is writable",
+            self.shared.stats.count(Malformed::Config);
+            return Err(self.refuse(format!(
+                "SET_CONFIG of {} byte(s) at offset {offset}: only the writeback byte (offset \
+                 {WRITEBACK_OFFSET}) is writable",
                 buf.len()
-            ));
+            )));
         }
         if !self.shared.shape.volatile_cache {
-            return refuse("the disk has no volatile cache (CONFIG_WCE is not offered)");
+            self.shared.stats.count(Malformed::Config);
+            return Err(self.refuse(
+                "SET_CONFIG of the writeback byte: the disk has no volatile cache (CONFIG_WCE \
+                 is not offered)",
+            ));
         }
         let wb = buf[0] != 0;
         self.shared.writeback.store(wb, Ordering::Relaxed);
@@ -346,71 +705,83 @@ impl VhostUserBackend for BlkDevice {
         Ok(())
     }
 
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
-        let guard = mem.memory();
-        let mut regions = Vec::new();
-        for r in guard.iter() {
-            let start = r.start_addr();
-            let host = guard.get_host_address(start).map_err(|e| {
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
-            })?;
-            regions.push(Region {
-                guest: start.0,
-                len: r.len(),
-                host: host as usize,
-                device: start.0,
-            });
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {
+        unsupported(self, "GPU_SET_SOCKET")
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
+        unsupported(self, "GET_SHARED_OBJECT")
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        msg: &VhostUserInflight,
+    ) -> VuResult<(VhostUserInflight, File)> {
+        match inflight::Region::create(msg.num_queues, msg.queue_size, self.rings.len() as u16) {
+            Ok((region, file, size)) => {
+                self.inflight = Some(Arc::new(region));
+                Ok((
+                    VhostUserInflight::new(size, 0, msg.num_queues, msg.queue_size),
+                    file,
+                ))
+            }
+            Err(e) => {
+                // No reply goes out on an error, and the front end waits for one.
+                self.hangup = true;
+                Err(self.refuse(format!("GET_INFLIGHT_FD: {e}")))
+            }
         }
-        let mem = guard.into_inner();
-        let keep: Arc<dyn std::any::Any + Send + Sync> = mem.clone();
-        let aspace = AddressSpace::new(regions, Some(keep))
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-        if let Ok(mut m) = self.shared.memory.lock() {
-            *m = Memory {
-                mem,
-                aspace: Arc::new(aspace),
-            };
-        }
-        self.shared.memory_gen.fetch_add(1, Ordering::Release);
+    }
+
+    fn set_inflight_fd(&mut self, msg: &VhostUserInflight, file: File) -> VuResult<()> {
+        let region = inflight::Region::open(
+            &file,
+            msg.mmap_size,
+            msg.mmap_offset,
+            msg.num_queues,
+            msg.queue_size,
+            self.rings.len() as u16,
+        )
+        .map_err(|e| self.refuse(format!("SET_INFLIGHT_FD: {e}")))?;
+        self.inflight = Some(Arc::new(region));
         Ok(())
     }
 
-    fn queues_per_thread(&self) -> Vec<u64> {
-        // One worker thread for all queues: it only forwards kicks to pollers, and with one
-        // thread the library's event ids are the global queue indexes.
-        vec![(1u64 << self.ctx.config.num_queues) - 1]
+    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
+        unsupported(self, "GET_MAX_MEM_SLOTS")
     }
 
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (c, n) = self.exit.get(thread_index)?;
-        let consumer = c.lock().ok()?.take()?;
-        Some((consumer, n.try_clone().ok()?))
+    fn add_mem_region(
+        &mut self,
+        _region: &VhostUserSingleMemoryRegion,
+        _fd: File,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
+        unsupported(self, "ADD_MEM_REG")
     }
 
-    fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
-        self.detach(queue_index as usize);
-        Ok(())
+    fn remove_mem_region(&mut self, _region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        unsupported(self, "REM_MEM_REG")
     }
 
-    fn reset_device(&self) {
-        self.shutdown();
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VuResult<Option<File>> {
+        unsupported(self, "SET_DEVICE_STATE_FD")
     }
 
-    fn handle_event(
-        &self,
-        device_event: u16,
-        _evset: EventSet,
-        vrings: &[Self::Vring],
-        _thread: usize,
-    ) -> std::io::Result<()> {
-        let q = device_event as usize;
-        if let Some(vring) = vrings.get(q) {
-            // The library has consumed the kick already. Attach on first use (the library calls
-            // us once when the ring is enabled), then hand the work to the queue's poller.
-            self.attach(q, vring);
-            let pi = q % self.ctx.pollers.len();
-            self.ctx.pollers[pi].waker().wake();
-        }
-        Ok(())
+    fn check_device_state(&mut self) -> VuResult<()> {
+        unsupported(self, "CHECK_DEVICE_STATE")
+    }
+
+    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
+        unsupported(self, "GET_SHMEM_CONFIG")
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        unsupported(self, "SET_LOG_BASE")
     }
 }

@@ -243,15 +243,9 @@ fn align_up(x: u64, align: u64) -> Option<u64> {
     Some(x.checked_add(align - 1)? & !(align - 1))
 }
 
-/// The system page size, read at run time (4 KiB, 16 KiB and 64 KiB all occur on ARM). If the
-/// query fails, 64 KiB: a multiple of every page size we ship on.
+/// The system page size, read at run time (never assumed to be 4 KiB).
 fn page_size() -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions; it only reads a system constant.
-    let raw = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(raw)
-        .ok()
-        .filter(|p| p.is_power_of_two())
-        .unwrap_or(64 << 10)
+    leap_runtime::mem::page_size() as u64
 }
 
 /// A connected vhost-user-blk device, seen from the guest side.

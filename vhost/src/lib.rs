@@ -9,9 +9,12 @@
 //! With the `driver` feature, [`driver`] is the guest side: an in-process vhost-user frontend that
 //! tests and benchmarks use to drive a device without a VM.
 
+pub mod chain;
 pub mod config;
 pub mod device;
+pub mod inflight;
 pub mod queue;
+pub mod region;
 pub mod server;
 pub mod stats;
 

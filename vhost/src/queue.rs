@@ -6,22 +6,54 @@
 //! Every malformed request completes with IOERR or UNSUPP, is counted, and is logged rate-limited:
 //! nothing a guest writes can panic the poller or touch memory outside the guest's.
 
+use crate::chain::{self, ChainError};
 use crate::config::{req_type, status, ID_BYTES};
-use crate::device::{DiskShape, Memory, Shared};
+use crate::device::{DiskShape, Shared};
+use crate::inflight::QueueTracker;
+use crate::region::MemoryTable;
 use crate::stats::Malformed;
 use leap_queues::nvme::{io, sgl_subtype, sgl_type, DsmRange, DSM_ATTR_DEALLOCATE};
 use leap_queues::{SglDescriptor, Sqe, Status, SubmitError, Submitter};
 use leap_runtime::{log_limited, AddressSpace, Port};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use vhost_user_backend::{VringRwLock, VringStateMutGuard, VringT};
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// The most descriptors one request may have (header, data, status; indirect tables included).
 pub const MAX_CHAIN: usize = 1024;
+
+/// A virtqueue's call eventfd. The front end may replace it while the queue runs (QEMU does when
+/// it masks and unmasks interrupts), so the queue takes the lock once per signal, never per
+/// request.
+#[derive(Default)]
+pub(crate) struct Signal(Mutex<Option<File>>);
+
+impl Signal {
+    /// Replaces the descriptor (None: the front end polls the used ring).
+    pub fn set(&self, fd: Option<File>) {
+        if let Ok(mut s) = self.0.lock() {
+            *s = fd;
+        }
+    }
+
+    /// Signals the front end.
+    pub fn signal(&self) -> std::io::Result<()> {
+        let s = self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+        match s.as_ref() {
+            // EAGAIN means the counter is saturated: the front end has a signal pending anyway.
+            Some(mut f) => match f.write(&1u64.to_ne_bytes()) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+                r => r.map(|_| ()),
+            },
+            None => Ok(()),
+        }
+    }
+}
 
 /// What a completed command must do to its chain.
 #[derive(Clone, Copy, Default)]
@@ -38,15 +70,41 @@ struct Seg {
     len: u32,
 }
 
-/// One virtqueue of a vhost-user-blk device.
+/// Everything a started virtqueue needs, from the device.
+pub(crate) struct RingSetup {
+    pub index: u16,
+    /// The split ring, ready, positioned where requests continue.
+    pub queue: Queue,
+    /// The kick eventfd (non-blocking): the poller sleeps on it.
+    pub kick: File,
+    pub call: Arc<Signal>,
+    pub shared: Arc<Shared>,
+    /// Queue pair depth.
+    pub depth: u16,
+    /// Inflight tracking, when the front end gave us a region.
+    pub tracker: Option<QueueTracker>,
+    /// Heads a previous back end left in flight, oldest first: taken before any new request.
+    pub resubmit: Vec<u16>,
+    /// Where the queue leaves its next avail index when it is dropped.
+    pub stopped_at: Arc<AtomicU32>,
+}
+
+/// One virtqueue of a vhost-user-blk device, owned by the poller that serves it.
 pub struct BlkQueue {
     index: u16,
-    vring: VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>,
+    queue: Queue,
+    kick: File,
+    call: Arc<Signal>,
     shared: Arc<Shared>,
     /// Snapshot of the guest memory, refreshed when its generation changes.
-    memory: Memory,
+    memory: MemoryTable,
     memory_gen: u64,
+    tracker: Option<QueueTracker>,
+    resubmit: VecDeque<u16>,
+    stopped_at: Arc<AtomicU32>,
     pending: Vec<Pending>,
+    /// Heads taken from the avail ring this round (no allocation: sized to the depth).
+    heads: Vec<u16>,
     /// Chains finished without reaching the queue pair (errors, GET_ID): (head, used length).
     immediate: Vec<(u16, u32)>,
     /// Used entries were added (by `submit`) that the guest has not been told about; `complete`,
@@ -55,26 +113,29 @@ pub struct BlkQueue {
     readable: Vec<Seg>,
     writable: Vec<Seg>,
     armed: bool,
-    /// The avail ring broke the ring protocol: no more requests are taken from it.
+    /// The ring broke the ring protocol: no more requests are taken from it, and its kick is not
+    /// watched, until the front end restarts it.
     broken: bool,
 }
 
 impl BlkQueue {
-    pub(crate) fn new(
-        index: u16,
-        vring: VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>,
-        shared: Arc<Shared>,
-        depth: u16,
-    ) -> Self {
-        let (memory, memory_gen) = shared.memory();
+    pub(crate) fn new(s: RingSetup) -> Self {
+        let (memory, memory_gen) = s.shared.memory();
+        let depth = s.depth as usize;
         BlkQueue {
-            index,
-            vring,
-            shared,
+            index: s.index,
+            queue: s.queue,
+            kick: s.kick,
+            call: s.call,
+            shared: s.shared,
             memory,
             memory_gen,
-            pending: vec![Pending::default(); depth as usize],
-            immediate: Vec::with_capacity(depth as usize),
+            tracker: s.tracker,
+            resubmit: s.resubmit.into(),
+            stopped_at: s.stopped_at,
+            pending: vec![Pending::default(); depth],
+            heads: Vec::with_capacity(depth),
+            immediate: Vec::with_capacity(depth),
             unsignalled: false,
             readable: Vec::with_capacity(MAX_CHAIN),
             writable: Vec::with_capacity(MAX_CHAIN),
@@ -88,6 +149,98 @@ impl BlkQueue {
             (self.memory, self.memory_gen) = self.shared.memory();
         }
     }
+
+    /// The ring cannot be served any more: counted and logged once, never polled again.
+    fn break_ring(&mut self, why: &dyn std::fmt::Display) {
+        self.broken = true;
+        self.shared.stats.count(Malformed::Ring);
+        log_limited!(
+            log::Level::Warn,
+            "queue {}: {why}; the queue stops until the front end restarts it",
+            self.index
+        );
+    }
+
+    /// Publishes one used element, with the inflight bookkeeping around it.
+    fn put_used(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32) {
+        if let Some(t) = self.tracker.as_mut() {
+            t.before_used(head);
+        }
+        if let Err(e) = self.queue.add_used(mem, head, len) {
+            log_limited!(log::Level::Warn, "queue {}: add_used: {e}", self.index);
+            return;
+        }
+        if let Some(t) = self.tracker.as_mut() {
+            t.after_used(head, self.queue.next_used());
+        }
+    }
+
+    /// Walks and checks the chain at `head` and turns it into a command on `sq` (or finishes it
+    /// here). False if the ring itself is broken.
+    fn take(&mut self, mem: &GuestMemoryMmap, head: u16, sq: &mut Submitter) -> bool {
+        self.readable.clear();
+        self.writable.clear();
+        let (readable, writable) = (&mut self.readable, &mut self.writable);
+        let mut bad = None;
+        let walked = chain::walk(
+            mem,
+            GuestAddress(self.queue.desc_table()),
+            self.queue.size(),
+            head,
+            |d| {
+                if readable.len() + writable.len() == MAX_CHAIN {
+                    bad = Some(Reject(status::IOERR, Malformed::ChainTooLong));
+                    return false;
+                }
+                let seg = Seg {
+                    addr: d.addr().0,
+                    len: d.len(),
+                };
+                if d.is_write_only() {
+                    writable.push(seg);
+                } else if !writable.is_empty() {
+                    // 2.7.4.2: device-readable descriptors must precede writable ones.
+                    bad = Some(Reject(status::IOERR, Malformed::Layout));
+                    return false;
+                } else {
+                    readable.push(seg);
+                }
+                true
+            },
+        );
+        let res = match (walked, bad) {
+            // A head beyond the ring cannot even be returned: the ring is broken.
+            (Err(ChainError::Head), _) => {
+                self.break_ring(&format_args!("avail ring names descriptor {head}"));
+                return false;
+            }
+            (_, Some(r)) => Err((r, false)),
+            // A loop, a next index out of range, a bad indirect table, unmapped descriptors.
+            (Err(_), None) => Err((Reject(status::IOERR, Malformed::BrokenChain), false)),
+            (Ok(()), None) => self.build(mem, head, sq).map_err(|r| (r, true)),
+        };
+        match res {
+            Ok(None) => {}
+            Ok(Some(used)) => self.immediate.push((head, used)),
+            Err((Reject(st, why), parsed)) => {
+                self.shared.stats.count(why);
+                log_limited!(
+                    log::Level::Warn,
+                    "queue {}: request {head} refused: {why:?}",
+                    self.index
+                );
+                // A chain that parsed gets its status byte; one that did not (loop, bad layout)
+                // has no trustworthy status location, so nothing is written. Either way it is
+                // returned, so the guest never waits forever.
+                let used = match self.status_byte() {
+                    Some(a) if parsed && mem.write_obj(st, GuestAddress(a)).is_ok() => 1,
+                    _ => 0,
+                };
+                self.immediate.push((head, used));
+            }
+        }
+        true
+    }
 }
 
 /// A malformed or unsupported request: its virtio status and the counter it bumps.
@@ -100,97 +253,52 @@ impl Port for BlkQueue {
             return 0;
         }
         self.refresh_memory();
-        // Our own handles (Arc clones) so nothing below borrows `self`.
+        // Our own handle (an Arc clone) so nothing below borrows `self`.
         let mem = self.memory.mem.clone();
-        let vring_handle = self.vring.clone();
-        let mut vring = vring_handle.get_mut();
-        let queue = vring.get_queue_mut();
-        if !queue.ready() {
-            return 0;
+        let room = (sq.depth() as usize).saturating_sub(sq.in_flight());
+        // Requests a previous back end left in flight come first, oldest first.
+        self.heads.clear();
+        while self.heads.len() < room {
+            match self.resubmit.pop_front() {
+                Some(h) => self.heads.push(h),
+                None => break,
+            }
         }
-        let mut n = 0;
-        {
-            let mut iter = match queue.iter(&*mem) {
+        let resubmitted = self.heads.len();
+        if self.heads.len() < room && self.resubmit.is_empty() {
+            let mut iter = match self.queue.iter(&*mem) {
                 Ok(it) => it,
                 Err(e) => {
-                    // Broken until the front end resets the ring (a new attach): counted and
-                    // logged once, and never polled again meanwhile.
-                    self.broken = true;
-                    self.shared.stats.count(Malformed::Ring);
-                    log_limited!(
-                        log::Level::Warn,
-                        "queue {}: unusable avail ring ({e}); the queue stops until the front end resets it",
-                        self.index
-                    );
+                    self.break_ring(&format_args!("unusable avail ring ({e})"));
                     return 0;
                 }
             };
-            while sq.in_flight() < sq.depth() as usize {
-                let Some(chain) = iter.next() else { break };
-                n += 1;
-                let head = chain.head_index();
-                self.readable.clear();
-                self.writable.clear();
-                let mut last: Option<Descriptor> = None;
-                let mut bad = None;
-                for d in chain {
-                    if self.readable.len() + self.writable.len() == MAX_CHAIN {
-                        bad = Some(Reject(status::IOERR, Malformed::ChainTooLong));
-                        break;
-                    }
-                    let seg = Seg {
-                        addr: d.addr().0,
-                        len: d.len(),
-                    };
-                    if d.is_write_only() {
-                        self.writable.push(seg);
-                    } else if !self.writable.is_empty() {
-                        // 2.7.4.2: device-readable descriptors must precede writable ones.
-                        bad = Some(Reject(status::IOERR, Malformed::Layout));
-                        break;
-                    } else {
-                        self.readable.push(seg);
-                    }
-                    last = Some(d);
+            while self.heads.len() < room {
+                match iter.next() {
+                    Some(chain) => self.heads.push(chain.head_index()),
+                    None => break,
                 }
-                if bad.is_none()
-                    && last.is_none_or(|d| d.has_next() || d.refers_to_indirect_table())
-                {
-                    // The chain ended early: a loop, a next index out of range, or an unreadable
-                    // or malformed indirect table.
-                    bad = Some(Reject(status::IOERR, Malformed::BrokenChain));
+            }
+        }
+        let n = self.heads.len();
+        for k in 0..n {
+            let head = self.heads[k];
+            if k >= resubmitted {
+                if let Some(t) = self.tracker.as_mut() {
+                    t.take(head);
                 }
-                let res = match bad {
-                    Some(r) => Err((r, false)),
-                    None => self.build(&mem, head, sq).map_err(|r| (r, true)),
-                };
-                if let Err((Reject(st, why), parsed)) = res {
-                    self.shared.stats.count(why);
-                    log_limited!(
-                        log::Level::Warn,
-                        "queue {}: request {head} refused: {why:?}",
-                        self.index
-                    );
-                    // A chain that parsed gets its status byte; one that did not (loop, bad
-                    // layout) has no trustworthy status location, so nothing is written. Either
-                    // way it is returned, so the guest never waits forever.
-                    let used = match self.status_byte() {
-                        Some(a) if parsed && mem.write_obj(st, GuestAddress(a)).is_ok() => 1,
-                        _ => 0,
-                    };
-                    self.immediate.push((head, used));
-                } else if let Ok(Some(used)) = res {
-                    self.immediate.push((head, used));
-                }
+            }
+            if !self.take(&mem, head, sq) {
+                break;
             }
         }
         sq.publish();
         if !self.immediate.is_empty() {
-            for &(head, len) in &self.immediate {
-                if let Err(e) = vring.add_used(head, len) {
-                    log_limited!(log::Level::Warn, "queue {}: add_used: {e}", self.index);
-                }
+            let done = std::mem::take(&mut self.immediate);
+            for &(head, len) in &done {
+                self.put_used(&mem, head, len);
             }
+            self.immediate = done;
             self.immediate.clear();
             self.unsignalled = true;
         }
@@ -198,14 +306,13 @@ impl Port for BlkQueue {
     }
 
     fn complete(&mut self, sq: &mut Submitter) -> usize {
-        // Nothing to reap and nothing to signal (most spin rounds): no lock.
+        // Nothing to reap and nothing to signal (most spin rounds): no work.
         let first = sq.reap();
         if first.is_none() && !self.unsignalled {
             return 0;
         }
         let mut n = 0;
-        let mem = &*self.memory.mem;
-        let mut vring = self.vring.get_mut();
+        let mem = self.memory.mem.clone();
         let mut next = first;
         while let Some(cqe) = next.take().or_else(|| sq.reap()) {
             let Some(p) = self.pending.get(cqe.cid() as usize).copied() else {
@@ -224,15 +331,18 @@ impl Port for BlkQueue {
             } else {
                 0
             };
-            if let Err(e) = vring.add_used(p.head, used) {
-                log_limited!(log::Level::Warn, "queue {}: add_used: {e}", self.index);
-            }
+            self.put_used(&mem, p.head, used);
             n += 1;
         }
         sq.release_completions();
         if n > 0 || self.unsignalled {
             self.unsignalled = false;
-            notify(&mut vring, mem, self.index);
+            // EVENT_IDX (or its absence) says whether the guest wants to hear about these.
+            if self.queue.needs_notification(&*mem).unwrap_or(true) {
+                if let Err(e) = self.call.signal() {
+                    log_limited!(log::Level::Warn, "queue {}: signal: {e}", self.index);
+                }
+            }
         }
         n
     }
@@ -242,16 +352,19 @@ impl Port for BlkQueue {
             // Nothing to wait for: work on a broken ring is never taken.
             return false;
         }
-        self.armed = true;
-        let mem = &*self.memory.mem;
-        let mut vring = self.vring.get_mut();
-        let q = vring.get_queue_mut();
-        if !q.ready() {
-            return false;
+        if !self.resubmit.is_empty() {
+            return true;
         }
+        self.armed = true;
+        // Consume the kicks that woke us (or arrived while we polled): from here on a new kick
+        // makes the eventfd readable again, and the re-check below catches work published
+        // before notifications were re-enabled.
+        let mut buf = [0u8; 8];
+        let _ = (&self.kick).read(&mut buf);
         // enable_notification publishes avail_event (or clears NO_NOTIFY), fences, and re-reads
         // avail idx: true means the guest added work we must not sleep through.
-        q.enable_notification(mem).unwrap_or(false)
+        let mem = self.memory.mem.clone();
+        self.queue.enable_notification(&*mem).unwrap_or(false)
     }
 
     fn disarm(&mut self) {
@@ -259,12 +372,8 @@ impl Port for BlkQueue {
             return;
         }
         self.armed = false;
-        let mem = &*self.memory.mem;
-        let mut vring = self.vring.get_mut();
-        let q = vring.get_queue_mut();
-        if q.ready() {
-            let _ = q.disable_notification(mem);
-        }
+        let mem = self.memory.mem.clone();
+        let _ = self.queue.disable_notification(&*mem);
     }
 
     fn address_space(&self) -> &Arc<AddressSpace> {
@@ -272,33 +381,16 @@ impl Port for BlkQueue {
     }
 
     fn wake_fd(&self) -> Option<RawFd> {
-        // The kick eventfd: the vhost-user worker thread also waits on it (and consumes it, then
-        // wakes us through the Waker), but when we see it first we skip that hop.
-        self.vring
-            .get_ref()
-            .get_kick()
-            .as_ref()
-            .map(|k| k.as_raw_fd())
+        // The kick eventfd, which only this poller reads; none for a broken ring, which costs
+        // no CPU until the front end restarts it.
+        (!self.broken).then(|| self.kick.as_raw_fd())
     }
 }
 
-/// Signals the guest if EVENT_IDX (or its absence) says it wants to hear about new used entries.
-fn notify(
-    vring: &mut <VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>> as VringStateMutGuard<
-        '_,
-        GuestMemoryAtomic<GuestMemoryMmap>,
-    >>::G,
-    mem: &GuestMemoryMmap,
-    index: u16,
-) {
-    if vring
-        .get_queue_mut()
-        .needs_notification(mem)
-        .unwrap_or(true)
-    {
-        if let Err(e) = vring.signal_used_queue() {
-            log_limited!(log::Level::Warn, "queue {index}: signal: {e}");
-        }
+impl Drop for BlkQueue {
+    fn drop(&mut self) {
+        self.stopped_at
+            .store(self.queue.next_avail() as u32, Ordering::Release);
     }
 }
 

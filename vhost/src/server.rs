@@ -1,17 +1,17 @@
 //! The listening side: a unix socket that serves one vhost-user connection at a time, with a new
-//! device (and daemon) per connection so the same socket serves QEMU again after the guest or
-//! QEMU restarts.
+//! device per connection so the same socket serves QEMU again after the guest, QEMU or leapd
+//! restarts. The connection's requests are handled on the thread that calls [`Server::run`]; the
+//! data path runs on the pollers.
 
 use crate::device::{BlkDevice, DeviceContext};
+use leap_runtime::log_limited;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost::vhost_user::{BackendReqHandler, Error as VuError, Listener};
 
 /// Why serving failed.
 #[derive(Debug, thiserror::Error)]
@@ -28,16 +28,13 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
-    /// The daemon failed to start on a connection.
-    #[error("vhost-user: {0}")]
-    Daemon(String),
 }
 
 /// Lets another thread (a signal handler thread) stop a [`Server`].
 #[derive(Clone, Default)]
 pub struct StopHandle {
     stop: Arc<AtomicBool>,
-    current: Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>>,
+    current: Arc<Mutex<Option<UnixStream>>>,
 }
 
 impl StopHandle {
@@ -45,8 +42,8 @@ impl StopHandle {
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
         if let Ok(c) = self.current.lock() {
-            if let Some(h) = c.as_ref() {
-                h.shutdown();
+            if let Some(s) = c.as_ref() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
             }
         }
     }
@@ -140,43 +137,60 @@ impl Server {
 
     /// Serves one connection to its end.
     fn serve_one(&mut self) -> Result<(), ServeError> {
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let dev =
-            BlkDevice::new(self.ctx.clone()).map_err(|e| ServeError::Daemon(e.to_string()))?;
-        let mut daemon = VhostUserDaemon::new("leap-vhost".into(), dev.clone(), mem)
-            .map_err(|e| ServeError::Daemon(e.to_string()))?;
-        if let Err(e) = daemon.start(&mut self.listener) {
-            log::warn!("{}: connection failed to start: {e}", self.path.display());
-            dev.send_exit_events();
-            return Ok(());
-        }
-        log::info!("{}: front end connected", self.path.display());
+        let stream = match self.listener.accept() {
+            Ok(Some(s)) => s,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                log::warn!("{}: accept: {e}", self.path.display());
+                return Ok(());
+            }
+        };
+        let dev = Arc::new(Mutex::new(BlkDevice::new(self.ctx.clone())));
+        let mut handler = BackendReqHandler::from_stream(stream, dev.clone());
         if let Ok(mut c) = self.stop.current.lock() {
-            *c = daemon.shutdown_handle();
+            *c = handler.try_clone_connection().ok();
         }
         if self.stop.stopped() {
-            daemon.request_shutdown();
+            self.stop.stop();
         }
-        let r = daemon.wait();
+        log::info!("{}: front end connected", self.path.display());
+        let end = loop {
+            match handler.handle_request() {
+                Ok(()) => {}
+                // The device refused the request and, where the front end asked for one, sent
+                // a failure reply: the connection goes on, unless the front end now waits for
+                // a reply that will never come.
+                Err(VuError::ReqHandlerError(e)) => {
+                    let hangup = dev.lock().map(|mut d| d.take_hangup()).unwrap_or(true);
+                    if hangup {
+                        break Err(format!("{e}; the front end waits for a reply, disconnecting"));
+                    }
+                }
+                // A front end that goes away (guest shutdown, QEMU exit) ends the connection
+                // this way; so does StopHandle::stop.
+                Err(VuError::Disconnected | VuError::PartialMessage) => break Ok(()),
+                // A message the protocol layer could not parse or that is not allowed now:
+                // nothing was answered, so the connection cannot go on.
+                Err(e) => {
+                    self.ctx.stats.count(crate::stats::Malformed::Message);
+                    log_limited!(log::Level::Warn, "{}: vhost-user: {e}", self.path.display());
+                    break Err(e.to_string());
+                }
+            }
+        };
         if let Ok(mut c) = self.stop.current.lock() {
             *c = None;
         }
-        // Complete in-flight I/O before the guest memory goes away, then let workers exit.
-        dev.shutdown();
-        dev.send_exit_events();
-        use vhost::vhost_user::Error as VuError;
-        use vhost_user_backend::Error as DaemonError;
-        match r {
-            // A front end that goes away (guest shutdown, QEMU exit) ends the connection this way.
-            Ok(())
-            | Err(DaemonError::HandleRequest(VuError::Disconnected | VuError::PartialMessage)) => {
-                log::info!("{}: front end disconnected", self.path.display())
-            }
+        // Complete in-flight I/O before the guest memory goes away.
+        match dev.lock() {
+            Ok(mut d) => d.shutdown(),
+            Err(p) => p.into_inner().shutdown(),
+        }
+        match end {
+            Ok(()) => log::info!("{}: front end disconnected", self.path.display()),
             Err(e) => log::warn!("{}: connection ended: {e}", self.path.display()),
         }
         log::info!("{}: totals: {}", self.path.display(), self.counters());
-        // Give the worker threads a moment to leave before the next connection.
-        std::thread::sleep(Duration::from_millis(1));
         Ok(())
     }
 }

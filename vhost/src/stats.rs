@@ -34,9 +34,11 @@ pub enum Malformed {
     Config,
     /// The avail ring itself is invalid (index beyond the queue size).
     Ring,
+    /// A vhost-user message the device refused.
+    Message,
 }
 
-const N: usize = Malformed::Ring as usize + 1;
+const N: usize = Malformed::Message as usize + 1;
 const NAMES: [&str; N] = [
     "header",
     "no_status",
@@ -52,6 +54,7 @@ const NAMES: [&str; N] = [
     "unsupported",
     "config",
     "ring",
+    "message",
 ];
 
 /// Counters for one device.

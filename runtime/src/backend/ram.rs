@@ -36,8 +36,7 @@ impl RamBackend {
             path: "ram".into(),
             source,
         })?;
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+        let page = crate::mem::page_size();
         // Transparent huge pages cut TLB misses on random access, then populate (Linux 5.14's
         // MADV_POPULATE_WRITE) so I/O never waits on page faults. Both are hints: on older
         // kernels or with THP off the disk still works, faulting pages in on first use.

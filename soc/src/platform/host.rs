@@ -12,13 +12,7 @@ impl Platform for Host {
     }
 
     fn page_size(&self) -> usize {
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        if p > 0 {
-            p as usize
-        } else {
-            4096
-        }
+        leap_runtime::mem::page_size()
     }
 
     fn poller_cpus(&self) -> Vec<usize> {

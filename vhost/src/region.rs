@@ -1,0 +1,256 @@
+//! The guest memory of one vhost-user memory table, checked before anything is mapped.
+//!
+//! Each region arrives as (guest address, size, front-end virtual address, file offset) with a
+//! file descriptor. A region is refused, and the whole table with it, unless its arithmetic does
+//! not overflow, its offset is page aligned, its file is a regular file (memfd, tmpfs, hugetlbfs)
+//! that covers `offset + size` bytes (a mapping past the end of a file raises SIGBUS on first
+//! access), its ranges overlap no other region in either address space, and the mapping succeeds.
+//! Only then does the table replace the previous one, so a refused table leaves the device as it
+//! was.
+
+use leap_runtime::{AddressSpace, Region as AsRegion};
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use vhost::vhost_user::message::VhostUserMemoryRegion;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+/// The most regions a table may have (vhost-user's limit without CONFIGURE_MEM_SLOTS).
+pub const MAX_REGIONS: usize = 8;
+
+/// The page size at run time.
+pub fn page_size() -> u64 {
+    leap_runtime::mem::page_size() as u64
+}
+
+/// Why a memory table (or one of its regions) was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MemError {
+    /// A region's numbers are inconsistent.
+    #[error("memory region {index}: {why}")]
+    Region {
+        /// Region index in the message.
+        index: usize,
+        /// What is wrong.
+        why: String,
+    },
+    /// The regions overlap.
+    #[error("memory regions {0} and {1} overlap")]
+    Overlap(usize, usize),
+    /// More regions than allowed, or not one file per region.
+    #[error("memory table: {0}")]
+    Table(String),
+}
+
+/// Checks that `file` is a regular file with at least `offset + len` bytes.
+pub fn check_file_covers(file: &File, offset: u64, len: u64) -> Result<(), String> {
+    let st = nix::sys::stat::fstat(file.as_fd()).map_err(|e| format!("fstat: {e}"))?;
+    let kind = nix::sys::stat::SFlag::from_bits_truncate(st.st_mode)
+        & nix::sys::stat::SFlag::S_IFMT;
+    if kind != nix::sys::stat::SFlag::S_IFREG {
+        return Err("the file descriptor is not a regular file (memfd, tmpfs or hugetlbfs)".into());
+    }
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| format!("offset {offset:#x} + size {len:#x} overflows"))?;
+    let size = u64::try_from(st.st_size).unwrap_or(0);
+    if end > size {
+        return Err(format!(
+            "offset {offset:#x} + size {len:#x} lies past the end of its file ({size:#x} bytes)"
+        ));
+    }
+    Ok(())
+}
+
+/// One mapped memory table.
+#[derive(Clone)]
+pub struct MemoryTable {
+    /// The mappings, as vm-memory sees them (virtqueue access).
+    pub mem: Arc<GuestMemoryMmap>,
+    /// The same regions for the runtime (command data).
+    pub aspace: Arc<AddressSpace>,
+    /// (front-end virtual address, size, guest address) per region, for ring addresses.
+    frontend: Vec<(u64, u64, u64)>,
+}
+
+impl MemoryTable {
+    /// No memory (before the first table).
+    pub fn empty() -> Self {
+        MemoryTable {
+            mem: Arc::new(GuestMemoryMmap::new()),
+            aspace: Arc::new(AddressSpace::empty()),
+            frontend: Vec::new(),
+        }
+    }
+
+    /// Whether a table has been set.
+    pub fn is_empty(&self) -> bool {
+        self.frontend.is_empty()
+    }
+
+    /// Checks and maps a table.
+    pub fn build(regions: &[VhostUserMemoryRegion], files: Vec<File>) -> Result<Self, MemError> {
+        if regions.is_empty() || regions.len() > MAX_REGIONS {
+            return Err(MemError::Table(format!(
+                "{} regions (1 to {MAX_REGIONS} allowed)",
+                regions.len()
+            )));
+        }
+        if files.len() != regions.len() {
+            return Err(MemError::Table(format!(
+                "{} file descriptors for {} regions",
+                files.len(),
+                regions.len()
+            )));
+        }
+        let page = page_size();
+        for (index, r) in regions.iter().enumerate() {
+            let bad = |why: String| MemError::Region { index, why };
+            // Copies: the message struct is packed.
+            let (size, gpa, ua, offset) =
+                (r.memory_size, r.guest_phys_addr, r.user_addr, r.mmap_offset);
+            if size == 0 {
+                return Err(bad("size 0".into()));
+            }
+            for (what, start) in [("guest address", gpa), ("user address", ua), ("offset", offset)] {
+                if start.checked_add(size).is_none() {
+                    return Err(bad(format!("{what} {start:#x} + size {size:#x} overflows")));
+                }
+            }
+            if offset % page != 0 {
+                return Err(bad(format!(
+                    "offset {offset:#x} is not a multiple of the page size ({page:#x})"
+                )));
+            }
+            if usize::try_from(size).is_err() {
+                return Err(bad(format!("size {size:#x} does not fit in memory")));
+            }
+            check_file_covers(&files[index], offset, size).map_err(bad)?;
+        }
+        for i in 0..regions.len() {
+            for j in i + 1..regions.len() {
+                let (a, b) = (&regions[i], &regions[j]);
+                let overlap = |s1: u64, s2: u64| {
+                    s1 < s2 + b.memory_size && s2 < s1 + a.memory_size
+                };
+                if overlap(a.guest_phys_addr, b.guest_phys_addr)
+                    || overlap(a.user_addr, b.user_addr)
+                {
+                    return Err(MemError::Overlap(i, j));
+                }
+            }
+        }
+        let mut mapped = Vec::with_capacity(regions.len());
+        for (index, (r, file)) in regions.iter().zip(files).enumerate() {
+            let region = GuestRegionMmap::<()>::from_range(
+                GuestAddress(r.guest_phys_addr),
+                r.memory_size as usize,
+                Some(FileOffset::new(file, r.mmap_offset)),
+            )
+            .map_err(|e| MemError::Region {
+                index,
+                why: format!("mmap: {e}"),
+            })?;
+            mapped.push(region);
+        }
+        let mut table = Vec::with_capacity(mapped.len());
+        for (r, m) in regions.iter().zip(&mapped) {
+            table.push(AsRegion {
+                guest: r.guest_phys_addr,
+                len: r.memory_size,
+                host: m.as_ptr() as usize,
+                device: r.guest_phys_addr,
+            });
+        }
+        let mem = Arc::new(
+            GuestMemoryMmap::from_regions(mapped)
+                .map_err(|e| MemError::Table(format!("regions: {e}")))?,
+        );
+        let keep: Arc<dyn std::any::Any + Send + Sync> = mem.clone();
+        let aspace = AddressSpace::new(table, Some(keep))
+            .map_err(|e| MemError::Table(e.to_string()))?;
+        Ok(MemoryTable {
+            mem,
+            aspace: Arc::new(aspace),
+            frontend: regions
+                .iter()
+                .map(|r| (r.user_addr, r.memory_size, r.guest_phys_addr))
+                .collect(),
+        })
+    }
+
+    /// The guest address of front-end virtual address `va`, if `va .. va + len` lies inside one
+    /// region (vring addresses are front-end virtual addresses; a ring must not straddle two).
+    pub fn va_to_gpa(&self, va: u64, len: u64) -> Option<u64> {
+        let end = va.checked_add(len)?;
+        self.frontend
+            .iter()
+            .find(|&&(start, size, _)| va >= start && end <= start + size)
+            .map(|&(start, _, gpa)| gpa + (va - start))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memfd(len: u64) -> File {
+        let fd = nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .unwrap();
+        let f = File::from(fd);
+        f.set_len(len).unwrap();
+        f
+    }
+
+    fn region(gpa: u64, size: u64, ua: u64, off: u64) -> VhostUserMemoryRegion {
+        VhostUserMemoryRegion::new(gpa, size, ua, off)
+    }
+
+    #[test]
+    fn a_good_table_maps_and_translates_ring_addresses() {
+        let p = page_size();
+        let t = MemoryTable::build(
+            &[region(0, 4 * p, 0x7000_0000, 0), region(1 << 32, 2 * p, 0x9000_0000, 4 * p)],
+            vec![memfd(4 * p), memfd(6 * p)],
+        )
+        .unwrap();
+        assert_eq!(t.va_to_gpa(0x7000_0010, 16), Some(0x10));
+        assert_eq!(t.va_to_gpa(0x9000_0000, p), Some(1 << 32));
+        // Straddling the end of a region, or outside every region.
+        assert_eq!(t.va_to_gpa(0x7000_0000 + 4 * p - 8, 16), None);
+        assert_eq!(t.va_to_gpa(0x1000, 1), None);
+        assert_eq!(t.va_to_gpa(u64::MAX, 2), None);
+    }
+
+    #[test]
+    fn hostile_tables_are_refused() {
+        let p = page_size();
+        let cases: Vec<(Vec<VhostUserMemoryRegion>, Vec<File>)> = vec![
+            // Past the end of its file (the SIGBUS case), offset beyond the file.
+            (vec![region(0, 4 * p, 0, 0)], vec![memfd(2 * p)]),
+            (vec![region(0, p, 0, 8 * p)], vec![memfd(2 * p)]),
+            // Unaligned offset, zero size, overflowing sizes.
+            (vec![region(0, p, 0, 1)], vec![memfd(2 * p)]),
+            (vec![region(0, 0, 0, 0)], vec![memfd(p)]),
+            (vec![region(u64::MAX - 1, p, 0, 0)], vec![memfd(p)]),
+            // Overlapping guest ranges, overlapping front-end ranges.
+            (
+                vec![region(0, 2 * p, 0, 0), region(p, p, 1 << 40, 0)],
+                vec![memfd(2 * p), memfd(p)],
+            ),
+            (
+                vec![region(0, p, 0, 0), region(1 << 32, p, 0, 0)],
+                vec![memfd(p), memfd(p)],
+            ),
+            // Not one file per region, no regions.
+            (vec![region(0, p, 0, 0)], vec![]),
+            (vec![], vec![]),
+        ];
+        for (k, (r, f)) in cases.into_iter().enumerate() {
+            assert!(MemoryTable::build(&r, f).is_err(), "case {k} accepted");
+        }
+        // Not a regular file: a pipe.
+        let (rd, _wr) = nix::unistd::pipe().unwrap();
+        assert!(MemoryTable::build(&[region(0, p, 0, 0)], vec![File::from(rd)]).is_err());
+    }
+}
