@@ -155,6 +155,10 @@ pub enum Started {
     /// A back-end queue it needs has no room: nothing was started; retry the same command later
     /// (before any command that arrived after it).
     Busy,
+    /// The namespace's rate limit cannot pay for it now: nothing was started; retry it later,
+    /// before later commands of the same kind (reads or writes). Commands of the other kind
+    /// are not held up by it, as with qemu's throttle groups.
+    Throttled,
 }
 
 /// The back-end queues of one queue pair, one per namespace slot (slot `k` is NSID `k + 1`; an
@@ -328,7 +332,7 @@ fn start_inner(
             // Rate limits last, so tokens are only taken by a command that then starts.
             if let Some(t) = &ns.throttle {
                 if !t.admit(opcode == io::WRITE, len) {
-                    return Ok(Started::Busy);
+                    return Ok(Started::Throttled);
                 }
             }
             scratch.iov.clear();
@@ -968,7 +972,11 @@ mod tests {
         };
         assert_eq!(go(&w), Started::Done(Status::SUCCESS));
         assert_eq!(go(&w), Started::Done(Status::SUCCESS));
-        assert_eq!(go(&w), Started::Busy, "the third write waits for a token");
+        assert_eq!(
+            go(&w),
+            Started::Throttled,
+            "the third write waits for a token"
+        );
         assert_eq!(
             go(&r),
             Started::Done(Status::SUCCESS),

@@ -167,7 +167,9 @@ struct Pair {
     bqs: Vec<Option<Box<dyn BackendQueue>>>,
     nss: Arc<Namespaces>,
     cmds: Vec<Cmd>,
-    /// Commands a back end had no room for, oldest first: retried before any newer command.
+    /// Commands not started yet, oldest first: ones a back end had no room for (nothing newer
+    /// starts before them) and ones a rate limit holds (nothing newer of the same class, reads
+    /// or writes, starts before them).
     held: VecDeque<u16>,
     /// The entries of held commands, by command id (apart from `cmds`, so the per-command
     /// state of the common path stays small).
@@ -529,9 +531,8 @@ impl Pair {
         self.bqs.iter().flatten().map(|q| q.in_flight()).sum()
     }
 
-    /// Starts command `cid`. Returns false if a back end had no room: nothing was started and
-    /// the command must wait.
-    fn start(&mut self, cid: u16, sqe: &Sqe, scratch: &mut Scratch) -> bool {
+    /// Starts command `cid`, or says why it must wait (nothing was started then).
+    fn start(&mut self, cid: u16, sqe: &Sqe, scratch: &mut Scratch) -> Held {
         let capsule = self.proc.capsule(cid).unwrap_or(&[]);
         // SAFETY: `self.current` (and any address space retired while I/O is in flight) stays
         // alive until the back ends have nothing in flight (see `retired` in `round`); the
@@ -547,7 +548,8 @@ impl Pair {
             )
         };
         match started {
-            Started::Busy => return false,
+            Started::Busy => return Held::Room,
+            Started::Throttled => return Held::Throttled,
             Started::Done(status) => finish(self, cid, status),
             Started::Pending(n, err) => {
                 let c = &mut self.cmds[cid as usize];
@@ -555,7 +557,31 @@ impl Pair {
                 c.status = err;
             }
         }
-        true
+        Held::No
+    }
+}
+
+/// Whether (and why) a command was not started.
+enum Held {
+    /// Started (or finished).
+    No,
+    /// A back end had no room: everything after it waits.
+    Room,
+    /// A rate limit holds it: later commands of its class wait.
+    Throttled,
+}
+
+/// Ordering classes of held commands (bit masks): reads, writes, everything else.
+const CLASS_READ: u8 = 1;
+const CLASS_WRITE: u8 = 2;
+const CLASS_OTHER: u8 = 4;
+const CLASS_ALL: u8 = CLASS_READ | CLASS_WRITE | CLASS_OTHER;
+
+fn class_of(sqe: &Sqe) -> u8 {
+    match sqe.opcode() {
+        leap_queues::nvme::io::READ => CLASS_READ,
+        leap_queues::nvme::io::WRITE => CLASS_WRITE,
+        _ => CLASS_OTHER,
     }
 }
 
@@ -578,17 +604,32 @@ fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bo
     if !p.retired.is_empty() && p.held.is_empty() && p.in_flight() == 0 {
         p.retired.clear();
     }
-    // Commands that waited for back-end room go first, in order; while any still waits, newer
-    // commands wait behind it.
-    while let Some(&cid) = p.held.front() {
+    // Held commands go first, in order. One a back end had no room for blocks everything after
+    // it; one a rate limit holds blocks only later commands of its class, so throttled writes
+    // never hold up reads (as in qemu's throttle groups) and each class keeps its order.
+    let mut blocked = 0u8;
+    let mut k = 0;
+    while k < p.held.len() && blocked != CLASS_ALL {
+        let cid = p.held[k];
         let sqe = p.held_sqes[cid as usize];
-        if !p.start(cid, &sqe, scratch) {
-            break;
+        let class = class_of(&sqe);
+        if blocked & class != 0 {
+            k += 1;
+            continue;
         }
-        p.held.pop_front();
-        work += 1;
+        match p.start(cid, &sqe, scratch) {
+            Held::No => {
+                p.held.remove(k);
+                work += 1;
+            }
+            Held::Room => blocked = CLASS_ALL,
+            Held::Throttled => {
+                blocked |= class;
+                k += 1;
+            }
+        }
     }
-    while p.held.is_empty() {
+    while blocked != CLASS_ALL {
         let Some(cmd) = p.proc.pop() else { break };
         work += 1;
         let sqe = cmd.sqe;
@@ -612,7 +653,18 @@ fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bo
             kind: exec::kind(sqe.opcode()),
             bytes: (sqe.nlb() as u64) << shift,
         };
-        if !p.start(cid, &sqe, scratch) {
+        let class = class_of(&sqe);
+        let held = if blocked & class != 0 {
+            Held::Throttled
+        } else {
+            p.start(cid, &sqe, scratch)
+        };
+        match held {
+            Held::No => {}
+            Held::Room => blocked = CLASS_ALL,
+            Held::Throttled => blocked |= class,
+        }
+        if !matches!(held, Held::No) {
             p.held_sqes[cid as usize] = sqe;
             p.held.push_back(cid);
         }

@@ -151,6 +151,7 @@ fn run_case(backend_name: &str, qd: u16, a: &BenchArgs) -> Result<Row, String> {
             mem_size: mem,
             event_idx: true,
             features_mask: 0,
+            ..Default::default()
         },
     )
     .map_err(|e| format!("driver: {e}"))?;

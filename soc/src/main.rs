@@ -52,6 +52,10 @@ struct ServeArgs {
     /// Permissions of the socket, in octal.
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
     socket_mode: u32,
+    /// Do not offer inflight I/O tracking (INFLIGHT_SHMFD). Without it a leapd restarted after a
+    /// crash cannot tell which requests its predecessor had finished: only for showing that.
+    #[arg(long)]
+    no_inflight: bool,
     #[command(flatten)]
     poll: PollerArgs,
 }
@@ -130,6 +134,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         queues: a.queues.unwrap_or_else(default_queues),
         block_size: a.block_size,
         socket_mode: a.socket_mode,
+        inflight: !a.no_inflight,
         pollers: a.poll.pollers.map(|p| p as usize),
         idle_spin: Duration::from_micros(a.poll.idle_spin_us),
         pin: a.poll.pin,

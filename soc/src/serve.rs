@@ -23,6 +23,8 @@ pub struct ServeOptions {
     pub block_size: u32,
     /// Socket permissions.
     pub socket_mode: u32,
+    /// Offer inflight I/O tracking.
+    pub inflight: bool,
     /// Number of poller threads (None: one per queue, at most one per CPU).
     pub pollers: Option<usize>,
     /// How long a poller spins idle before sleeping.
@@ -124,6 +126,7 @@ pub fn run(
         pollers: pollers.clone(),
         config: DeviceConfig {
             num_queues: o.queues,
+            inflight: o.inflight,
             ..DeviceConfig::default()
         },
         stats: Arc::new(VhostStats::default()),

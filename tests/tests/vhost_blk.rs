@@ -24,6 +24,7 @@ fn connect(s: &TestServer, queues: u16, event_idx: bool) -> Driver {
             mem_size: 32 << 20,
             event_idx,
             features_mask: 0,
+            ..Default::default()
         },
     )
     .expect("connect")

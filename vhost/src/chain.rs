@@ -139,7 +139,11 @@ mod tests {
         m.write_obj(d, GuestAddress(table + 16 * i as u64)).unwrap();
     }
 
-    fn collect(m: &GuestMemoryMmap<()>, size: u16, head: u16) -> Result<Vec<(u64, u32)>, ChainError> {
+    fn collect(
+        m: &GuestMemoryMmap<()>,
+        size: u16,
+        head: u16,
+    ) -> Result<Vec<(u64, u32)>, ChainError> {
         let mut v = Vec::new();
         walk(m, GuestAddress(0), size, head, |d| {
             v.push((d.addr().0, d.len()));

@@ -19,14 +19,15 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
-    VhostUserInflight, VhostUserLog, VhostUserMemoryRegion,
-    VhostUserProtocolFeatures, VhostUserSharedMsg, VhostUserShMemConfig,
-    VhostUserSingleMemoryRegion, VhostUserVirtioFeatures, VhostUserVringAddrFlags,
-    VhostUserVringState,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{
+    Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut,
 };
 use vhost::VhostUserMemoryRegionBase;
-use vhost::vhost_user::{Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut};
 
 /// Device parameters that are not properties of the disk.
 #[derive(Clone, Debug)]
@@ -179,10 +180,7 @@ pub struct BlkDevice {
 fn refused(stats: &VhostStats, why: String) -> VuError {
     stats.count(Malformed::Message);
     log_limited!(log::Level::Warn, "vhost-user request refused: {why}");
-    VuError::ReqHandlerError(std::io::Error::new(
-        std::io::ErrorKind::InvalidInput,
-        why,
-    ))
+    VuError::ReqHandlerError(std::io::Error::new(std::io::ErrorKind::InvalidInput, why))
 }
 
 impl BlkDevice {
@@ -357,9 +355,7 @@ impl BlkDevice {
         queue.set_event_idx(self.acked_features & (1 << feature::RING_EVENT_IDX) != 0);
         queue.set_ready(true);
         if !queue.is_valid(&*mem) {
-            return Err(self.refuse(format!(
-                "queue {q}: its rings are not inside guest memory"
-            )));
+            return Err(self.refuse(format!("queue {q}: its rings are not inside guest memory")));
         }
         // Where to continue: from the inflight region when there is one (requests the previous
         // back end took but never completed come back first), else from SET_VRING_BASE.
@@ -587,8 +583,9 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
         let q = self.ring_index(index)?;
         self.running(q)?;
-        let base = u16::try_from(base)
-            .map_err(|_| self.refuse(format!("queue {q}: base {base} is not a split-ring index")))?;
+        let base = u16::try_from(base).map_err(|_| {
+            self.refuse(format!("queue {q}: base {base} is not a split-ring index"))
+        })?;
         self.rings[q].base = base;
         Ok(())
     }
@@ -670,7 +667,12 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         }
     }
 
-    fn get_config(&mut self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<Vec<u8>> {
         // Guests read the whole (growing) struct; answer zeros past what we define, within reason.
         let size = (size as usize).min(4096);
         let bytes = self.blk_config().to_bytes();
@@ -679,7 +681,12 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
             .collect())
     }
 
-    fn set_config(&mut self, offset: u32, buf: &[u8], _flags: VhostUserConfigFlags) -> VuResult<()> {
+    fn set_config(
+        &mut self,
+        offset: u32,
+        buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<()> {
         // Only the writeback byte is writable, and only with CONFIG_WCE (virtio 1.2, 5.2.4).
         if offset as usize != WRITEBACK_OFFSET || buf.len() != 1 {
             self.shared.stats.count(Malformed::Config);
@@ -713,10 +720,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         unsupported(self, "GET_SHARED_OBJECT")
     }
 
-    fn get_inflight_fd(
-        &mut self,
-        msg: &VhostUserInflight,
-    ) -> VuResult<(VhostUserInflight, File)> {
+    fn get_inflight_fd(&mut self, msg: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
         match inflight::Region::create(msg.num_queues, msg.queue_size, self.rings.len() as u16) {
             Ok((region, file, size)) => {
                 self.inflight = Some(Arc::new(region));

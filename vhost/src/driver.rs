@@ -25,17 +25,18 @@ mod blk;
 mod queue;
 
 use std::fs::File;
-use std::path::Path;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{
     Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryRegion, GuestRegionMmap};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryRegion, GuestRegionMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use blk::{
@@ -193,6 +194,9 @@ pub struct DriverOptions {
     pub event_idx: bool,
     /// Feature bits the driver refuses even if offered (applied after everything else).
     pub features_mask: u64,
+    /// Negotiate inflight I/O tracking (INFLIGHT_SHMFD) if the backend offers it, as QEMU
+    /// does, so [`Driver::reconnect`] to a restarted backend loses nothing.
+    pub inflight: bool,
 }
 
 impl Default for DriverOptions {
@@ -203,6 +207,7 @@ impl Default for DriverOptions {
             mem_size: 64 << 20,
             event_idx: true,
             features_mask: 0,
+            inflight: true,
         }
     }
 }
@@ -248,9 +253,160 @@ fn page_size() -> u64 {
     leap_runtime::mem::page_size() as u64
 }
 
+/// What one queue's setup needs again when the driver reconnects.
+struct RingSetup {
+    config: VringConfigData,
+    /// Guest address of the used ring (its index is where a reconnect continues).
+    used: u64,
+    call: EventFd,
+    kick: EventFd,
+}
+
+/// Everything the handshake sends, kept so a restarted backend can be set up again.
+struct Setup {
+    socket: PathBuf,
+    opts: DriverOptions,
+    region: VhostUserMemoryRegionInfo,
+    rings: Vec<RingSetup>,
+    /// The inflight region the backend gave us (GET_INFLIGHT_FD), handed back on reconnect.
+    inflight: Option<(VhostUserInflight, File)>,
+}
+
+/// The outcome of one handshake.
+struct Negotiated {
+    frontend: Frontend,
+    device_features: u64,
+    acked_features: u64,
+    protocol_features: VhostUserProtocolFeatures,
+}
+
+impl Setup {
+    /// Connects and brings the device up: features, memory table, inflight region, and every
+    /// ring starting at `bases[i]`.
+    fn handshake(&mut self, bases: &[u16]) -> Result<Negotiated, DriverError> {
+        let opts = self.opts;
+        let mut frontend = Frontend::connect(&self.socket, u64::from(opts.num_queues))
+            .map_err(vhost_err("connect"))?;
+        frontend.set_owner().map_err(vhost_err("SET_OWNER"))?;
+        let device_features = frontend.get_features().map_err(vhost_err("GET_FEATURES"))?;
+
+        let mut protocol_features = VhostUserProtocolFeatures::empty();
+        if device_features & PROTOCOL_FEATURES_BIT != 0 {
+            let offered = frontend
+                .get_protocol_features()
+                .map_err(vhost_err("GET_PROTOCOL_FEATURES"))?;
+            let mut wanted = VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::REPLY_ACK;
+            if opts.inflight {
+                wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+            }
+            protocol_features = offered & wanted;
+            frontend
+                .set_protocol_features(protocol_features)
+                .map_err(vhost_err("SET_PROTOCOL_FEATURES"))?;
+            if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                // The vhost crate only waits for an ack when the request carries NEED_REPLY;
+                // backends only answer setters with an ack, so this is safe for getters too.
+                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
+        }
+
+        let available = if protocol_features.contains(VhostUserProtocolFeatures::MQ) {
+            frontend
+                .get_queue_num()
+                .map_err(vhost_err("GET_QUEUE_NUM"))?
+        } else {
+            1
+        };
+        if u64::from(opts.num_queues) > available {
+            return Err(DriverError::TooManyQueues {
+                available,
+                requested: opts.num_queues,
+            });
+        }
+
+        let mut wanted = (1u64 << VIRTIO_F_VERSION_1)
+            | PROTOCOL_FEATURES_BIT
+            | (device_features & DEVICE_FEATURE_BITS);
+        if opts.event_idx {
+            wanted |= 1 << VIRTIO_RING_F_EVENT_IDX;
+        }
+        let acked_features = wanted & device_features & !opts.features_mask;
+        if acked_features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return Err(DriverError::MissingFeature("VIRTIO_F_VERSION_1"));
+        }
+        frontend
+            .set_features(acked_features)
+            .map_err(vhost_err("SET_FEATURES"))?;
+        frontend
+            .set_mem_table(&[self.region])
+            .map_err(vhost_err("SET_MEM_TABLE"))?;
+
+        // Inflight tracking, as QEMU does it: the backend creates the region once; every later
+        // connection (a restarted backend) gets the same region back.
+        if protocol_features.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            if self.inflight.is_none() {
+                let ask = VhostUserInflight::new(0, 0, opts.num_queues, opts.queue_size);
+                self.inflight = Some(
+                    frontend
+                        .get_inflight_fd(&ask)
+                        .map_err(vhost_err("GET_INFLIGHT_FD"))?,
+                );
+            }
+            if let Some((info, file)) = &self.inflight {
+                frontend
+                    .set_inflight_fd(info, file.as_raw_fd())
+                    .map_err(vhost_err("SET_INFLIGHT_FD"))?;
+            }
+        }
+
+        for (i, r) in self.rings.iter().enumerate() {
+            frontend
+                .set_vring_num(i, opts.queue_size)
+                .map_err(vhost_err("SET_VRING_NUM"))?;
+            frontend
+                .set_vring_base(i, bases.get(i).copied().unwrap_or(0))
+                .map_err(vhost_err("SET_VRING_BASE"))?;
+            frontend
+                .set_vring_addr(i, &r.config)
+                .map_err(vhost_err("SET_VRING_ADDR"))?;
+            frontend
+                .set_vring_call(i, &r.call)
+                .map_err(vhost_err("SET_VRING_CALL"))?;
+            frontend
+                .set_vring_kick(i, &r.kick)
+                .map_err(vhost_err("SET_VRING_KICK"))?;
+        }
+        // Without PROTOCOL_FEATURES rings start enabled; with it they start disabled
+        // (vhost-user spec, "Ring states").
+        if acked_features & PROTOCOL_FEATURES_BIT != 0 {
+            for i in 0..self.rings.len() {
+                frontend
+                    .set_vring_enable(i, true)
+                    .map_err(vhost_err("SET_VRING_ENABLE"))?;
+            }
+        }
+        log::debug!(
+            "driver: connected to {}: features {device_features:#x} offered, {acked_features:#x} \
+             acked, protocol {protocol_features:?}, {} queue(s) x {}",
+            self.socket.display(),
+            opts.num_queues,
+            opts.queue_size
+        );
+        Ok(Negotiated {
+            frontend,
+            device_features,
+            acked_features,
+            protocol_features,
+        })
+    }
+}
+
 /// A connected vhost-user-blk device, seen from the guest side.
 pub struct Driver {
     frontend: Frontend,
+    setup: Setup,
     mem: Arc<GuestMemoryMmap>,
     mem_size: u64,
     device_features: u64,
@@ -267,9 +423,10 @@ impl Driver {
     /// Negotiates `VIRTIO_F_VERSION_1` (required), `VIRTIO_RING_F_EVENT_IDX` if asked and
     /// offered, `VHOST_USER_F_PROTOCOL_FEATURES`, and every virtio-blk feature (bits 0..=23) the
     /// device offers, minus [`DriverOptions::features_mask`]; protocol features MQ, CONFIG and
-    /// REPLY_ACK when offered (with REPLY_ACK every request asks for an ack, so a refusal is an
-    /// error here rather than later). Then SET_OWNER, one memfd-backed region in SET_MEM_TABLE,
-    /// and for each queue SET_VRING_NUM/ADDR/BASE/CALL/KICK and SET_VRING_ENABLE.
+    /// REPLY_ACK when offered, and INFLIGHT_SHMFD when offered and asked for (with REPLY_ACK
+    /// every request asks for an ack, so a refusal is an error here rather than later). Then
+    /// SET_OWNER, one memfd-backed region in SET_MEM_TABLE, GET/SET_INFLIGHT_FD, and for each
+    /// queue SET_VRING_NUM/BASE/ADDR/CALL/KICK and SET_VRING_ENABLE.
     pub fn connect(socket: &Path, opts: DriverOptions) -> Result<Driver, DriverError> {
         if opts.num_queues == 0 {
             return Err(DriverError::InvalidOptions("num_queues must be at least 1"));
@@ -315,100 +472,47 @@ impl Driver {
             GuestMemoryMmap::from_regions(vec![region]).map_err(DriverError::MemoryCollection)?,
         );
 
-        let mut frontend =
-            Frontend::connect(socket, u64::from(opts.num_queues)).map_err(vhost_err("connect"))?;
-        frontend.set_owner().map_err(vhost_err("SET_OWNER"))?;
-        let device_features = frontend.get_features().map_err(vhost_err("GET_FEATURES"))?;
-
-        let mut protocol_features = VhostUserProtocolFeatures::empty();
-        if device_features & PROTOCOL_FEATURES_BIT != 0 {
-            let offered = frontend
-                .get_protocol_features()
-                .map_err(vhost_err("GET_PROTOCOL_FEATURES"))?;
-            protocol_features = offered
-                & (VhostUserProtocolFeatures::MQ
-                    | VhostUserProtocolFeatures::CONFIG
-                    | VhostUserProtocolFeatures::REPLY_ACK);
-            frontend
-                .set_protocol_features(protocol_features)
-                .map_err(vhost_err("SET_PROTOCOL_FEATURES"))?;
-            if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-                // The vhost crate only waits for an ack when the request carries NEED_REPLY;
-                // backends only answer setters with an ack, so this is safe for getters too.
-                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-            }
-        }
-
-        let available = if protocol_features.contains(VhostUserProtocolFeatures::MQ) {
-            frontend
-                .get_queue_num()
-                .map_err(vhost_err("GET_QUEUE_NUM"))?
-        } else {
-            1
-        };
-        if u64::from(opts.num_queues) > available {
-            return Err(DriverError::TooManyQueues {
-                available,
-                requested: opts.num_queues,
-            });
-        }
-
-        let mut wanted = (1u64 << VIRTIO_F_VERSION_1)
-            | PROTOCOL_FEATURES_BIT
-            | (device_features & DEVICE_FEATURE_BITS);
-        if opts.event_idx {
-            wanted |= 1 << VIRTIO_RING_F_EVENT_IDX;
-        }
-        let acked_features = wanted & device_features & !opts.features_mask;
-        if acked_features & (1 << VIRTIO_F_VERSION_1) == 0 {
-            return Err(DriverError::MissingFeature("VIRTIO_F_VERSION_1"));
-        }
-        frontend
-            .set_features(acked_features)
-            .map_err(vhost_err("SET_FEATURES"))?;
-        frontend
-            .set_mem_table(&[region_info])
-            .map_err(vhost_err("SET_MEM_TABLE"))?;
-
-        let event_idx = acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        let mut queues = Vec::with_capacity(layouts.len());
-        for (i, l) in layouts.iter().enumerate() {
-            let index = i as u16; // i < num_queues: u16
+        let mut rings = Vec::with_capacity(layouts.len());
+        let mut queue_fds = Vec::with_capacity(layouts.len());
+        for l in &layouts {
             let call = EventFd::new(EFD_NONBLOCK).map_err(DriverError::EventFd)?;
             let kick = EventFd::new(EFD_NONBLOCK).map_err(DriverError::EventFd)?;
             // Vring addresses are frontend virtual addresses (vhost-user spec); host_base maps
             // GPA 0 and stays mapped while `mem` lives.
             let va = |gpa: u64| host_base as u64 + gpa;
-            let config = VringConfigData {
-                queue_max_size: opts.queue_size,
-                queue_size: opts.queue_size,
-                flags: 0,
-                desc_table_addr: va(l.desc),
-                used_ring_addr: va(l.used),
-                avail_ring_addr: va(l.avail),
-                log_addr: None,
-            };
-            frontend
-                .set_vring_num(i, opts.queue_size)
-                .map_err(vhost_err("SET_VRING_NUM"))?;
-            frontend
-                .set_vring_base(i, 0)
-                .map_err(vhost_err("SET_VRING_BASE"))?;
-            frontend
-                .set_vring_addr(i, &config)
-                .map_err(vhost_err("SET_VRING_ADDR"))?;
-            frontend
-                .set_vring_call(i, &call)
-                .map_err(vhost_err("SET_VRING_CALL"))?;
-            frontend
-                .set_vring_kick(i, &kick)
-                .map_err(vhost_err("SET_VRING_KICK"))?;
+            rings.push(RingSetup {
+                config: VringConfigData {
+                    queue_max_size: opts.queue_size,
+                    queue_size: opts.queue_size,
+                    flags: 0,
+                    desc_table_addr: va(l.desc),
+                    used_ring_addr: va(l.used),
+                    avail_ring_addr: va(l.avail),
+                    log_addr: None,
+                },
+                used: l.used,
+                call: call.try_clone().map_err(DriverError::EventFd)?,
+                kick: kick.try_clone().map_err(DriverError::EventFd)?,
+            });
+            queue_fds.push((call, kick));
+        }
+        let mut setup = Setup {
+            socket: socket.to_path_buf(),
+            opts,
+            region: region_info,
+            rings,
+            inflight: None,
+        };
+        let n = setup.handshake(&[])?;
+        let event_idx = n.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let mut queues = Vec::with_capacity(layouts.len());
+        for (i, (l, (call, kick))) in layouts.iter().zip(queue_fds).enumerate() {
             // SAFETY: the layout puts every part of this queue inside [0, data_start) with the
             // alignment split rings need, data_start < mem_size, host_base maps mem_size bytes,
             // and the queue keeps `mem` (which owns the mapping) alive.
             let q = unsafe {
                 DriverQueue::new(queue::QueueSetup {
-                    index,
+                    index: i as u16, // i < num_queues: u16
                     size: opts.queue_size,
                     event_idx,
                     mem: Arc::clone(&mem),
@@ -425,33 +529,45 @@ impl Driver {
             };
             queues.push(q);
         }
-        // Without PROTOCOL_FEATURES rings start enabled; with it they start disabled
-        // (vhost-user spec, "Ring states").
-        if acked_features & PROTOCOL_FEATURES_BIT != 0 {
-            for i in 0..layouts.len() {
-                frontend
-                    .set_vring_enable(i, true)
-                    .map_err(vhost_err("SET_VRING_ENABLE"))?;
-            }
-        }
-        log::debug!(
-            "driver: connected to {}: features {device_features:#x} offered, {acked_features:#x} \
-             acked, protocol {protocol_features:?}, {} queue(s) x {}",
-            socket.display(),
-            opts.num_queues,
-            opts.queue_size
-        );
-
         Ok(Driver {
-            frontend,
+            frontend: n.frontend,
+            setup,
             mem,
             mem_size,
-            device_features,
-            acked_features,
-            protocol_features,
+            device_features: n.device_features,
+            acked_features: n.acked_features,
+            protocol_features: n.protocol_features,
             queues,
             next_free: data_start,
         })
+    }
+
+    /// Connects again after the backend went away (a crash and restart): the same memory,
+    /// rings and eventfds, each ring's base at its used index (what QEMU sends after a backend
+    /// died: it cannot ask a dead backend where it stopped), and the inflight region handed
+    /// back, so the backend resubmits what it had not completed. Queues already taken keep
+    /// working; requests in flight complete from the new backend.
+    pub fn reconnect(&mut self) -> Result<(), DriverError> {
+        let bases: Vec<u16> = self
+            .setup
+            .rings
+            .iter()
+            .map(|r| {
+                self.mem
+                    .load::<u16>(
+                        GuestAddress(r.used + 2),
+                        std::sync::atomic::Ordering::Acquire,
+                    )
+                    .map(u16::from_le)
+                    .unwrap_or(0)
+            })
+            .collect();
+        let n = self.setup.handshake(&bases)?;
+        self.frontend = n.frontend;
+        self.device_features = n.device_features;
+        self.acked_features = n.acked_features;
+        self.protocol_features = n.protocol_features;
+        Ok(())
     }
 
     /// Virtio feature bits the device offered (`GET_FEATURES`).

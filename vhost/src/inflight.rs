@@ -98,17 +98,17 @@ impl Region {
     ) -> Result<(Region, File, u64), InflightError> {
         check_shape(num_queues, queue_size, max_queues)?;
         let bytes = num_queues as usize * queue_region_bytes(queue_size);
-        let fd = nix::sys::memfd::memfd_create(
-            c"leap-inflight",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-        )
-        .map_err(|e| InflightError::Os(e.into()))?;
+        let fd =
+            nix::sys::memfd::memfd_create(c"leap-inflight", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .map_err(|e| InflightError::Os(e.into()))?;
         let file = File::from(fd);
         file.set_len(bytes as u64).map_err(InflightError::Os)?;
         let region = Self::map(&file, 0, bytes, num_queues, queue_size)?;
         for q in 0..num_queues {
             let base = q as usize * queue_region_bytes(queue_size);
-            region.u16_at(base + 10)?.store(queue_size, Ordering::Release);
+            region
+                .u16_at(base + 10)?
+                .store(queue_size, Ordering::Release);
             region.u16_at(base + 8)?.store(VERSION, Ordering::Release);
         }
         Ok((region, file, bytes as u64))
@@ -139,13 +139,7 @@ impl Region {
         }
         crate::region::check_file_covers(file, mmap_offset, mmap_size)
             .map_err(|e| invalid(e.to_string()))?;
-        let region = Self::map(
-            file,
-            mmap_offset,
-            want as usize,
-            num_queues,
-            queue_size,
-        )?;
+        let region = Self::map(file, mmap_offset, want as usize, num_queues, queue_size)?;
         for q in 0..num_queues {
             let base = q as usize * queue_region_bytes(queue_size);
             let version = region.u16_at(base + 8)?.load(Ordering::Acquire);
@@ -160,7 +154,9 @@ impl Region {
                 )));
             }
             for i in 0..queue_size as usize {
-                let f = region.u8_at(base + HEADER + i * DESC)?.load(Ordering::Acquire);
+                let f = region
+                    .u8_at(base + HEADER + i * DESC)?
+                    .load(Ordering::Acquire);
                 if f > 1 {
                     return Err(invalid(format!(
                         "queue {q}: descriptor {i} has inflight flag {f}"
@@ -259,7 +255,8 @@ impl QueueTracker {
         let version = r.u16_at(self.base + 8)?.load(Ordering::Acquire);
         if version == 0 {
             // Never used: initialize.
-            r.u16_at(self.base + 10)?.store(self.size, Ordering::Release);
+            r.u16_at(self.base + 10)?
+                .store(self.size, Ordering::Release);
             r.u16_at(self.base + 14)?.store(used_idx, Ordering::Release);
             r.u16_at(self.base + 8)?.store(VERSION, Ordering::Release);
             return Ok(Vec::new());
@@ -387,7 +384,12 @@ mod tests {
         let mut t2 = QueueTracker::new(r2, 1, 8).unwrap();
         assert_eq!(t2.recover(1).unwrap(), vec![5, 7, 0]);
         // Queue 0 was untouched.
-        let mut t0 = QueueTracker::new(Arc::new(Region::open(&file, size, 0, 2, 8, 2).unwrap()), 0, 8).unwrap();
+        let mut t0 = QueueTracker::new(
+            Arc::new(Region::open(&file, size, 0, 2, 8, 2).unwrap()),
+            0,
+            8,
+        )
+        .unwrap();
         assert!(t0.recover(0).unwrap().is_empty());
     }
 

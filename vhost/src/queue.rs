@@ -43,7 +43,10 @@ impl Signal {
 
     /// Signals the front end.
     pub fn signal(&self) -> std::io::Result<()> {
-        let s = self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+        let s = self
+            .0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
         match s.as_ref() {
             // EAGAIN means the counter is saturated: the front end has a signal pending anyway.
             Some(mut f) => match f.write(&1u64.to_ne_bytes()) {

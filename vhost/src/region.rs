@@ -45,8 +45,8 @@ pub enum MemError {
 /// Checks that `file` is a regular file with at least `offset + len` bytes.
 pub fn check_file_covers(file: &File, offset: u64, len: u64) -> Result<(), String> {
     let st = nix::sys::stat::fstat(file.as_fd()).map_err(|e| format!("fstat: {e}"))?;
-    let kind = nix::sys::stat::SFlag::from_bits_truncate(st.st_mode)
-        & nix::sys::stat::SFlag::S_IFMT;
+    let kind =
+        nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT;
     if kind != nix::sys::stat::SFlag::S_IFREG {
         return Err("the file descriptor is not a regular file (memfd, tmpfs or hugetlbfs)".into());
     }
@@ -112,7 +112,11 @@ impl MemoryTable {
             if size == 0 {
                 return Err(bad("size 0".into()));
             }
-            for (what, start) in [("guest address", gpa), ("user address", ua), ("offset", offset)] {
+            for (what, start) in [
+                ("guest address", gpa),
+                ("user address", ua),
+                ("offset", offset),
+            ] {
                 if start.checked_add(size).is_none() {
                     return Err(bad(format!("{what} {start:#x} + size {size:#x} overflows")));
                 }
@@ -130,9 +134,7 @@ impl MemoryTable {
         for i in 0..regions.len() {
             for j in i + 1..regions.len() {
                 let (a, b) = (&regions[i], &regions[j]);
-                let overlap = |s1: u64, s2: u64| {
-                    s1 < s2 + b.memory_size && s2 < s1 + a.memory_size
-                };
+                let overlap = |s1: u64, s2: u64| s1 < s2 + b.memory_size && s2 < s1 + a.memory_size;
                 if overlap(a.guest_phys_addr, b.guest_phys_addr)
                     || overlap(a.user_addr, b.user_addr)
                 {
@@ -167,8 +169,8 @@ impl MemoryTable {
                 .map_err(|e| MemError::Table(format!("regions: {e}")))?,
         );
         let keep: Arc<dyn std::any::Any + Send + Sync> = mem.clone();
-        let aspace = AddressSpace::new(table, Some(keep))
-            .map_err(|e| MemError::Table(e.to_string()))?;
+        let aspace =
+            AddressSpace::new(table, Some(keep)).map_err(|e| MemError::Table(e.to_string()))?;
         Ok(MemoryTable {
             mem,
             aspace: Arc::new(aspace),
@@ -195,8 +197,8 @@ mod tests {
     use super::*;
 
     fn memfd(len: u64) -> File {
-        let fd = nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-            .unwrap();
+        let fd =
+            nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
         let f = File::from(fd);
         f.set_len(len).unwrap();
         f
@@ -210,7 +212,10 @@ mod tests {
     fn a_good_table_maps_and_translates_ring_addresses() {
         let p = page_size();
         let t = MemoryTable::build(
-            &[region(0, 4 * p, 0x7000_0000, 0), region(1 << 32, 2 * p, 0x9000_0000, 4 * p)],
+            &[
+                region(0, 4 * p, 0x7000_0000, 0),
+                region(1 << 32, 2 * p, 0x9000_0000, 4 * p),
+            ],
             vec![memfd(4 * p), memfd(6 * p)],
         )
         .unwrap();

@@ -163,7 +163,9 @@ impl Server {
                 Err(VuError::ReqHandlerError(e)) => {
                     let hangup = dev.lock().map(|mut d| d.take_hangup()).unwrap_or(true);
                     if hangup {
-                        break Err(format!("{e}; the front end waits for a reply, disconnecting"));
+                        break Err(format!(
+                            "{e}; the front end waits for a reply, disconnecting"
+                        ));
                     }
                 }
                 // A front end that goes away (guest shutdown, QEMU exit) ends the connection
