@@ -60,6 +60,10 @@ pub struct PollerConfig {
     pub idle_spin: Duration,
     /// Pin the thread to this CPU.
     pub cpu: Option<usize>,
+    /// When the poller stops, how long it lets in-flight commands finish before it abandons
+    /// them (counted in [`PollerStats::abandoned`]), so stopping is bounded whatever a back end
+    /// or front end does.
+    pub stop_timeout: Duration,
 }
 
 impl Default for PollerConfig {
@@ -68,6 +72,7 @@ impl Default for PollerConfig {
             name: "leap-poller".into(),
             idle_spin: Duration::from_micros(100),
             cpu: None,
+            stop_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -91,6 +96,9 @@ pub enum PollerError {
     /// A parameter is out of range.
     #[error("{0}")]
     Invalid(&'static str),
+    /// The pair's in-flight commands did not finish in time; it keeps draining on the poller.
+    #[error("in-flight commands did not finish within {0:?}")]
+    Timeout(Duration),
 }
 
 /// Wakes a sleeping poller (from a kick forwarder, say). Cheap to clone.
@@ -124,6 +132,9 @@ pub struct PollerStats {
     pub rounds: AtomicU64,
     /// Times the poller went to sleep.
     pub sleeps: AtomicU64,
+    /// Commands still unfinished when the poller had to stop (a back end that never answered
+    /// within [`PollerConfig::stop_timeout`]): abandoned, never completed to their front end.
+    pub abandoned: AtomicU64,
 }
 
 enum Ctl {
@@ -286,15 +297,33 @@ impl Poller {
     /// Stops taking new commands from the pair, waits for its in-flight commands to complete to
     /// the front end, and hands the front end back.
     pub fn detach(&self, id: PairId) -> Result<Box<dyn Port>, PollerError> {
+        self.detach_within(id, None)
+    }
+
+    /// [`Poller::detach`], waiting at most `timeout` (None: as long as it takes). On a timeout
+    /// the pair keeps draining on the poller (its memory stays mapped until it has), and the
+    /// port is dropped there once it has.
+    pub fn detach_within(
+        &self,
+        id: PairId,
+        timeout: Option<Duration>,
+    ) -> Result<Box<dyn Port>, PollerError> {
         let (tx, rx) = mpsc::channel();
         self.control(Ctl::Detach(id, tx))?;
-        rx.recv().map_err(|_| {
+        let gone = || {
             if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
                 PollerError::Stopped
             } else {
                 PollerError::Invalid("no such queue pair on this poller")
             }
-        })
+        };
+        match timeout {
+            None => rx.recv().map_err(|_| gone()),
+            Some(t) => rx.recv_timeout(t).map_err(|e| match e {
+                mpsc::RecvTimeoutError::Timeout => PollerError::Timeout(t),
+                mpsc::RecvTimeoutError::Disconnected => gone(),
+            }),
+        }
     }
 
     fn control(&self, c: Ctl) -> Result<(), PollerError> {
@@ -419,12 +448,29 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
             }
         }
         if shared.stop.load(Ordering::Acquire) {
-            // Finish what is in flight, then drop everything (ports complete nothing more).
+            // Finish what is in flight, for at most the stop timeout, then drop everything
+            // (ports complete nothing more).
+            let deadline = Instant::now() + cfg.stop_timeout;
+            let mut abandoned = 0;
             for p in pairs.iter_mut() {
-                while p.in_flight() > 0 || !p.held.is_empty() {
-                    round(p, &mut scratch, &shared.stats, false);
+                while (p.in_flight() > 0 || !p.held.is_empty()) && Instant::now() < deadline {
+                    if round(p, &mut scratch, &shared.stats, false) == 0 {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
                 }
                 round(p, &mut scratch, &shared.stats, false);
+                abandoned += p.sq.in_flight();
+            }
+            if abandoned > 0 {
+                shared
+                    .stats
+                    .abandoned
+                    .fetch_add(abandoned as u64, Ordering::Relaxed);
+                log::warn!(
+                    "{}: {abandoned} command(s) did not finish within {:?} and were abandoned",
+                    cfg.name,
+                    cfg.stop_timeout
+                );
             }
             return;
         }

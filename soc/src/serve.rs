@@ -100,6 +100,7 @@ pub fn start_pollers(
             } else {
                 None
             },
+            ..Default::default()
         };
         v.push(Poller::spawn(cfg).map_err(|e| format!("cannot start poller: {e}"))?);
     }

@@ -243,3 +243,65 @@ fn without_inflight_tracking_the_same_crash_replays_and_loses_requests() {
         "without inflight tracking the restarted leapd cannot know what was done: {o:?}"
     );
 }
+
+#[test]
+fn sigterm_finishes_in_bounded_time_whatever_is_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let sock = dir.path().join("vhost.sock");
+    let log = dir.path().join("leapd.log");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let mut leapd = start(&sock, &img, &log, true);
+    let mut d = Driver::connect(
+        &sock,
+        DriverOptions {
+            queue_size: 256,
+            mem_size: 4 << 20,
+            ..Default::default()
+        },
+    )
+    .expect("connect");
+    let buf = d.alloc(BLOCK, BLOCK).unwrap();
+    let mut q = d.take_queues().pop().unwrap();
+    // 64 writes at 4 per second would take 15 s: most are held when SIGTERM arrives.
+    for i in 0..64u64 {
+        submit_blk(
+            &mut q,
+            VIRTIO_BLK_T_OUT,
+            i * 8,
+            &[Desc::readable(buf, BLOCK as u32)],
+        )
+        .unwrap();
+    }
+    q.publish_and_kick();
+    assert!(
+        q.wait_used(Duration::from_secs(5)).is_some(),
+        "the first writes pass"
+    );
+    let t = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(leapd.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    loop {
+        if let Some(st) = leapd.try_wait().unwrap() {
+            assert!(st.success(), "leapd exited with {st}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "leapd did not stop within 20 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("abandoned"),
+        "abandoned commands are reported:\n{log}"
+    );
+    assert!(!sock.exists(), "the socket is removed");
+}

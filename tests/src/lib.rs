@@ -33,6 +33,7 @@ pub fn spawn_pollers(n: usize, name: &str) -> Vec<Poller> {
                 name: format!("{name}{i}"),
                 idle_spin: Duration::from_micros(20),
                 cpu: None,
+                ..Default::default()
             })
             .expect("poller")
         })

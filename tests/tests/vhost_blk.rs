@@ -955,3 +955,125 @@ fn a_broken_avail_ring_stops_only_its_queue_and_costs_no_cpu() {
     let mut q = d.take_queues().pop().unwrap();
     assert_eq!(write(&d, &mut q, buf, 0, &data), OK);
 }
+
+/// A memfd of `len` bytes, as a front end would pass for guest memory or an inflight region.
+fn memfd(len: u64) -> std::fs::File {
+    let fd =
+        nix::sys::memfd::memfd_create(c"hostile", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+    let f = std::fs::File::from(fd);
+    f.set_len(len).unwrap();
+    f
+}
+
+#[test]
+fn hostile_messages_are_refused_and_the_connection_goes_on() {
+    use std::os::fd::AsRawFd;
+    use vhost::vhost_user::message::VhostUserInflight;
+    use vhost::vhost_user::VhostUserFrontend;
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+    let s = TestServer::start(ram(16 * MIB, 512), 2, 1);
+    let mut d = connect(&s, 2, true);
+    let buf = d.alloc(1 << 20, 4096).unwrap();
+    let mut qs = d.take_queues();
+    let mut fe = d.frontend().clone();
+    let page = leap_runtime::mem::page_size() as u64;
+    let works = |d: &Driver, q: &mut DriverQueue, seed: u8| {
+        let data = pattern(seed, 8 << 10);
+        assert_eq!(write(d, q, buf, 64, &data), OK);
+        assert!(read(d, q, buf + (512 << 10), 64, data.len()).1 == data);
+    };
+    works(&d, &mut qs[0], 1);
+    let before = s.stats.get(Malformed::Message);
+    // Memory tables: a region past the end of its file (SIGBUS on first touch if mapped), an
+    // offset beyond the file, an unaligned offset. Each keeps its file open for the request.
+    let small = memfd(page);
+    let region = |fd: &std::fs::File, size: u64, offset: u64| VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: size,
+        userspace_addr: 0x7000_0000_0000,
+        mmap_offset: offset,
+        mmap_handle: fd.as_raw_fd(),
+    };
+    for (what, r) in [
+        (
+            "region past the end of its file",
+            region(&small, 16 * page, 0),
+        ),
+        ("offset beyond the file", region(&small, page, 8 * page)),
+        ("unaligned offset", region(&small, page / 2, 1)),
+    ] {
+        assert!(fe.set_mem_table(&[r]).is_err(), "{what} accepted");
+    }
+    // Stop queue 1 and feed it bad ring parameters; queue 0 keeps running throughout.
+    fe.get_vring_base(1).unwrap();
+    assert!(fe.set_vring_num(1, 100).is_err(), "ring size 100 accepted");
+    assert!(fe.set_vring_num(1, 0).is_err(), "ring size 0 accepted");
+    assert!(
+        fe.set_vring_num(1, 4096).is_err(),
+        "ring size beyond the maximum accepted"
+    );
+    fe.set_vring_num(1, 128).unwrap();
+    let ring = |desc: u64| VringConfigData {
+        queue_max_size: 128,
+        queue_size: 128,
+        flags: 0,
+        desc_table_addr: desc,
+        used_ring_addr: desc + 0x1000,
+        avail_ring_addr: desc + 0x800,
+        log_addr: None,
+    };
+    // Guest memory is the driver's one region: rings straddling its end, or outside it.
+    let end = d.memory_va_range().end;
+    for (what, c) in [
+        (
+            "rings straddling the end of guest memory",
+            ring(end - 0x800),
+        ),
+        ("rings outside guest memory", ring(end + (1 << 30))),
+    ] {
+        assert!(fe.set_vring_addr(1, &c).is_err(), "{what} accepted");
+    }
+    // Inflight regions of the wrong size, and queue sizes that are not powers of two.
+    let f = memfd(64 << 10);
+    for (what, msg) in [
+        ("a wrong size", VhostUserInflight::new(100, 0, 2, 128)),
+        (
+            "a queue size of 100",
+            VhostUserInflight::new(2 * 1664, 0, 2, 100),
+        ),
+        (
+            "more queues than the device",
+            VhostUserInflight::new(9 * 2112, 0, 9, 128),
+        ),
+    ] {
+        assert!(
+            fe.set_inflight_fd(&msg, f.as_raw_fd()).is_err(),
+            "inflight region with {what} accepted"
+        );
+    }
+    // Features never offered.
+    assert!(
+        fe.set_features(1 << 63).is_err(),
+        "unoffered feature accepted"
+    );
+    let refused = s.stats.get(Malformed::Message) - before;
+    assert_eq!(refused, 12, "every refusal counted");
+    // The connection goes on, and the queue that kept running still works.
+    works(&d, &mut qs[0], 2);
+    // A message the protocol layer cannot accept (a misaligned descriptor table fails the
+    // message's own validation, and no reply can be sent): the connection ends, counted...
+    assert!(fe.set_vring_addr(1, &ring(end - (8 << 20) + 8)).is_err());
+    assert_eq!(s.stats.get(Malformed::Message) - before, 13);
+    assert!(
+        fe.get_features().is_err(),
+        "the connection should be closed"
+    );
+    // ...and the next connection is served as usual.
+    drop(qs);
+    d.disconnect();
+    let mut d = connect(&s, 2, true);
+    let mut qs = d.take_queues();
+    let buf2 = d.alloc(1 << 20, 4096).unwrap();
+    assert_eq!(buf2, buf, "same layout");
+    works(&d, &mut qs[1], 3);
+}

@@ -421,27 +421,34 @@ impl BlkDevice {
     /// Stops ring `q` if it runs: no new requests are taken, in-flight ones complete to the
     /// guest, and the ring's base becomes where it stopped.
     fn stop(&mut self, q: usize) {
+        self.stop_within(q, None)
+    }
+
+    /// [`Self::stop`], waiting at most `timeout` for in-flight requests; past it they are left to
+    /// finish on the poller (the ring's memory stays mapped until they have).
+    fn stop_within(&mut self, q: usize, timeout: Option<std::time::Duration>) {
         let Some((pi, id)) = self.rings[q].running.take() else {
             return;
         };
-        match self.ctx.pollers[pi].detach(id) {
+        match self.ctx.pollers[pi].detach_within(id, timeout) {
             Ok(port) => drop(port),
-            Err(e) => log::error!("queue {q}: detach: {e}"),
+            Err(e) => log::warn!("queue {q}: stopping: {e}"),
         }
         let r = &mut self.rings[q];
         r.base = r.stopped_at.load(Ordering::Acquire) as u16;
         log::debug!("queue {q} stopped at {}", r.base);
     }
 
-    /// Stops every queue, completing what is in flight. Called when the connection ends.
-    pub fn shutdown(&mut self) {
+    /// Stops every queue, completing what is in flight, waiting at most `timeout` per queue
+    /// (None: as long as it takes). Called when the connection ends.
+    pub fn shutdown(&mut self, timeout: Option<std::time::Duration>) {
         for q in 0..self.rings.len() {
-            self.stop(q);
+            self.stop_within(q, timeout);
         }
     }
 
     fn reset(&mut self) {
-        self.shutdown();
+        self.shutdown(None);
         for r in self.rings.iter_mut() {
             *r = Ring::new();
         }

@@ -631,6 +631,12 @@ impl Driver {
         &self.mem
     }
 
+    /// Where guest memory is in this process (the addresses vring messages carry).
+    pub fn memory_va_range(&self) -> std::ops::Range<u64> {
+        let start = self.setup.region.userspace_addr;
+        start..start + self.setup.region.memory_size
+    }
+
     /// Bytes left in the data area.
     pub fn free_memory(&self) -> u64 {
         self.mem_size - self.next_free

@@ -421,13 +421,13 @@ mod tests {
         file.write_all_at(&[7], 16).unwrap();
         assert!(Region::open(&file, size, 0, 1, 8, 1).is_err());
         file.write_all_at(&[0], 16).unwrap();
-        file.write_all_at(&9u16.to_le_bytes(), 8).unwrap();
+        file.write_all_at(&9u16.to_ne_bytes(), 8).unwrap();
         assert!(Region::open(&file, size, 0, 1, 8, 1).is_err());
-        file.write_all_at(&1u16.to_le_bytes(), 8).unwrap();
-        file.write_all_at(&4u16.to_le_bytes(), 10).unwrap();
+        file.write_all_at(&1u16.to_ne_bytes(), 8).unwrap();
+        file.write_all_at(&4u16.to_ne_bytes(), 10).unwrap();
         assert!(Region::open(&file, size, 0, 1, 8, 1).is_err());
         // A tracker for a ring of another size is refused.
-        file.write_all_at(&8u16.to_le_bytes(), 10).unwrap();
+        file.write_all_at(&8u16.to_ne_bytes(), 10).unwrap();
         let r = Arc::new(Region::open(&file, size, 0, 1, 8, 1).unwrap());
         assert!(QueueTracker::new(r.clone(), 0, 16).is_err());
         assert!(QueueTracker::new(r, 1, 8).is_err());

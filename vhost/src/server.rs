@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError, Listener};
 
+/// How long a connection's end waits for its in-flight requests.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Why serving failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -183,10 +186,13 @@ impl Server {
         if let Ok(mut c) = self.stop.current.lock() {
             *c = None;
         }
-        // Complete in-flight I/O before the guest memory goes away.
+        // Complete in-flight I/O before the guest memory goes away, for a bounded time: a back
+        // end that never answers must not keep the socket from serving the next connection, or
+        // leapd from stopping. What is still in flight then finishes on its poller, with the
+        // memory it uses kept mapped until it has.
         match dev.lock() {
-            Ok(mut d) => d.shutdown(),
-            Err(p) => p.into_inner().shutdown(),
+            Ok(mut d) => d.shutdown(Some(DRAIN_TIMEOUT)),
+            Err(p) => p.into_inner().shutdown(Some(DRAIN_TIMEOUT)),
         }
         match end {
             Ok(()) => log::info!("{}: front end disconnected", self.path.display()),
