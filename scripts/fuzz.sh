@@ -8,6 +8,10 @@
 #   nvmf_pdu          NVMe/TCP common-header check and every PDU / Fabrics / discovery decoder
 #   nvmf_stream       the NVMe/TCP receive state machine over a real socket, data into a buffer
 #   controller_admin  property and admin-command sessions against the NVMe controller
+#   vhost_session     vhost-user sessions over a socketpair against leapd's request handling:
+#                     raw and near-valid messages, memory tables, rings, inflight regions, and
+#                     guest memory (descriptor chains, requests) served by a real poller
+#   virtq_chain       descriptor-chain walking (direct, indirect, loops) over guest memory
 #
 #   scripts/fuzz.sh [SECONDS-PER-TARGET] [TARGET...]     (default 20 s, all targets)
 # Seeds: tests/fuzz/seeds/<target> (checked in); the growing corpus: target/fuzz-corpus/<target>;
@@ -19,7 +23,7 @@ cd "$root"
 secs=${1:-20}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(exec_command nvmf_pdu nvmf_stream controller_admin)
+[ ${#targets[@]} -gt 0 ] || targets=(exec_command nvmf_pdu nvmf_stream controller_admin vhost_session virtq_chain)
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "fuzz: installing cargo-fuzz"
   cargo install cargo-fuzz --locked

@@ -3,8 +3,10 @@
 //! virtio-queue iterates the avail ring, but its `DescriptorChain` can only be built from there;
 //! inflight resubmission after a reconnect starts from heads recorded in the inflight region.
 //! So every chain, new or resubmitted, is walked here, one way. Everything read comes from guest
-//! memory and is checked: head and next indexes in range, at most one descriptor per table entry
-//! (no loops), indirect tables well formed and not nested, the total length within 2^32 bytes.
+//! memory and is checked: head and next indexes in range, no more descriptors than the table
+//! they come from has entries (so loops end; an indirect table may be longer than the queue, as
+//! Linux makes them), indirect tables well formed and not nested, the total length within 2^32
+//! bytes.
 
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
@@ -60,8 +62,9 @@ pub fn walk<M: GuestMemory + ?Sized>(
         }
     };
     let mut index = head;
-    // At most one visit per table entry (2.7.5.2: a chain never revisits a descriptor).
-    for _ in 0..size {
+    // At most one visit per entry of the ring's table (2.7.5.2: no loops).
+    let mut left = size;
+    while left > 0 {
         let d = read_desc(mem, table, index)?;
         if d.refers_to_indirect_table() {
             // 2.7.5.3.1: NEXT and INDIRECT together are invalid, and an indirect descriptor is
@@ -73,6 +76,7 @@ pub fn walk<M: GuestMemory + ?Sized>(
             let n = u16::try_from(n).map_err(|_| ChainError::Indirect)?;
             return walk_indirect(mem, d.addr(), n, &mut count);
         }
+        left -= 1;
         count(&d)?;
         if !d.has_next() {
             return Ok(());
@@ -92,6 +96,7 @@ fn walk_indirect<M: GuestMemory + ?Sized>(
     count: &mut impl FnMut(&Descriptor) -> Result<(), ChainError>,
 ) -> Result<(), ChainError> {
     let mut index = 0u16;
+    // At most one visit per entry of the indirect table.
     for _ in 0..n {
         let d = read_desc(mem, table, index)?;
         // 2.7.5.3.1: no indirect table inside an indirect table.
