@@ -6,7 +6,9 @@
 #      target dir target/loom); scripts/fuzz.sh (coverage-guided fuzzing, LEAP_FUZZ_SECONDS per
 #      target, default 20; cargo-fuzz is installed when missing)
 #   3. cargo build --release -p leap-soc, then tests/guest/guest-verify.sh --backend leapd, with
-#      512- and 4096-byte logical blocks, and tests/guest/nvmf-interop.sh (Linux's NVMe/TCP
+#      512- and 4096-byte logical blocks, tests/guest/guest-crash.sh (leapd killed with SIGKILL
+#      and restarted under a guest workload: with inflight tracking the guest sees no error; with
+#      --no-inflight it must fail), and tests/guest/nvmf-interop.sh (Linux's NVMe/TCP
 #      initiator against leapd target; leapd's initiator against Linux nvmet and leapd target)
 #      (a real QEMU guest; skipped loudly without QEMU/kernel/fio/busybox unless CI=true or
 #      LEAP_REQUIRE_GUEST=1)
@@ -86,6 +88,8 @@ if ! skipped guest LEAP_SKIP_GUEST; then
   step release-build cargo build --release -p leap-soc
   step guest env LEAPD="${LEAPD:-$root/target/release/leapd}" tests/guest/guest-verify.sh --backend leapd
   step guest-4k env LEAPD="${LEAPD:-$root/target/release/leapd}" tests/guest/guest-verify.sh --backend leapd --block-size 4096
+  step guest-crash env LEAPD="${LEAPD:-$root/target/release/leapd}" tests/guest/guest-crash.sh
+  step guest-crash-no-inflight env LEAPD="${LEAPD:-$root/target/release/leapd}" tests/guest/guest-crash.sh --no-inflight
   step nvmf-interop env LEAPD="${LEAPD:-$root/target/release/leapd}" tests/guest/nvmf-interop.sh
 fi
 

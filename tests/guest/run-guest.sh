@@ -9,6 +9,8 @@
 #                                tcp:127.0.0.1:14420-:4420 (loopback only; repeatable)
 #     --env KEY=VALUE            pass a variable to the job (repeatable)
 #     --queues N                 num-queues of vhost-user-blk-pci (default 1)
+#     --reconnect                QEMU reconnects to SOCK when the back end goes away
+#                                (chardev reconnect-ms=1000), as for a back end that may restart
 #     --expect-size-bytes B      verify: disk size in bytes
 #     --expect-queues N          verify: hardware queues the guest sees (default: --queues)
 #     --expect-discard 0|1       verify: discard must be supported and work (default 0)
@@ -39,7 +41,7 @@ usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
 
 sock="" job="" queues=1 expect_size="" expect_queues="" expect_discard=0
 expect_wc="write back" expect_bs="" force_wb=0 verify_mb=64 bench_rt=5 bench_jobs="" timeout_s="" log=""
-mem=768M smp=2 net=0 hostfwd="" envs=()
+mem=768M smp=2 net=0 hostfwd="" envs=() reconnect=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --socket) sock=$2; shift 2 ;;
@@ -59,6 +61,7 @@ while [ $# -gt 0 ]; do
     --mem) mem=$2; shift 2 ;;
     --smp) smp=$2; shift 2 ;;
     --net) net=1; shift ;;
+    --reconnect) reconnect=",reconnect-ms=1000"; shift ;;
     --hostfwd) hostfwd=${hostfwd:+$hostfwd,hostfwd=}$2; shift 2 ;;
     --env) envs+=("$2"); shift 2 ;;
     -h|--help) usage ;;
@@ -67,7 +70,7 @@ while [ $# -gt 0 ]; do
 done
 [ -z "$sock" ] || [ -S "$sock" ] || die "$sock is not a unix socket (is the back end running?)"
 [ -n "$job" ] && [ -f "$here/jobs/$job.sh" ] || die "--job must name a script in $here/jobs (verify, bench, nvmf-host, nvmf-target)"
-case "$job" in verify|bench) [ -n "$sock" ] || die "--job $job needs --socket" ;; esac
+case "$job" in verify|bench|crash) [ -n "$sock" ] || die "--job $job needs --socket" ;; esac
 for f in ${hostfwd//,hostfwd=/ }; do
   case "$f" in tcp:127.0.0.1:*) ;; *) die "--hostfwd must forward from 127.0.0.1 (tcp:127.0.0.1:HOSTPORT-:GUESTPORT)" ;; esac
 done
@@ -137,7 +140,7 @@ append="console=ttyS0 rdinit=/init panic=-1 edd=off"  # edd: no BIOS disk I/O at
 read -r -a extra_qemu <<< "${LEAP_GUEST_QEMU_ARGS:-}"
 dev_args=()
 if [ -n "$sock" ]; then
-  dev_args+=(-chardev "socket,id=c0,path=$sock" -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues")
+  dev_args+=(-chardev "socket,id=c0,path=$sock$reconnect" -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues")
 fi
 if [ "$net" = 1 ]; then
   dev_args+=(-netdev "user,id=n0${hostfwd:+,hostfwd=$hostfwd}" -device virtio-net-pci,netdev=n0,romfile=)
