@@ -9,7 +9,8 @@
 #   --runs N        guest boots per back end (default 3)
 #   --only B        benchmark one back end (no ratio)
 #   --runtime S     seconds per fio job (default 5; each job also has 1 s ramp-up)
-#   --queues N      vhost-user-blk queues (default 2)
+#   --queues N      vhost-user-blk queues (default 2); a list ("1 2" or 1,2) runs the whole
+#                   benchmark once per count, in one invocation, and prints each report
 #   --direct on|off O_DIRECT on the host side for both back ends (default off: both use the page
 #                   cache; leapd gets direct=on|off, qsd cache.direct=on|off)
 #   --qsd-aio A     qsd's aio= (default threads, as in the reference command)
@@ -41,6 +42,16 @@ while [ $# -gt 0 ]; do
     *) echo "guest-bench: unknown argument '$1'" >&2; exit 2 ;;
   esac
 done
+queues=${queues//,/ }
+if [ "$(wc -w <<< "$queues")" -gt 1 ]; then
+  # One benchmark per queue count, same options otherwise.
+  for q in $queues; do
+    "${BASH_SOURCE[0]}" --runs "$runs" ${only:+--only "$only"} --runtime "$runtime" --queues "$q" \
+      --direct "$direct" --qsd-aio "$qsd_aio" ${jobs:+--jobs "$jobs"} || exit $?
+  done
+  exit 0
+fi
+[[ "$queues" =~ ^[1-9][0-9]*$ ]] || { echo "guest-bench: --queues must be positive integers" >&2; exit 2; }
 case "$only" in ""|leapd|qsd) ;; *) echo "guest-bench: --only must be leapd or qsd" >&2; exit 2 ;; esac
 case "$direct" in on|off) ;; *) echo "guest-bench: --direct must be on or off" >&2; exit 2 ;; esac
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || { echo "guest-bench: --runs must be a positive integer" >&2; exit 2; }

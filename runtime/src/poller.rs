@@ -351,11 +351,14 @@ impl Drop for Poller {
     }
 }
 
-/// The adaptive idle window. Spinning on an idle queue pays off only when work returns within
-/// the window; otherwise it is CPU taken from everything else on the host, the guest's vCPUs
-/// included. So the window doubles (up to `max`) whenever spinning caught work or a sleep turned
-/// out shorter than `max`, and halves (down to zero: sleep at once) whenever a sleep lasted
-/// longer than `max`. A busy disk keeps the full window; sparse requests stop paying for it.
+/// The adaptive idle window. Spinning on an idle queue pays off only when work returns soon: a
+/// spin that waits long for it costs more CPU than the sleep and wake-up it saves, and that CPU is
+/// taken from everything else on the host, the guest's vCPUs included. So the window doubles (up
+/// to `max`) when spinning caught work within the first half of the window, or a sleep turned out
+/// shorter than a quarter of `max` (a short spin would have caught it); it halves (down to zero:
+/// sleep at once) when spinning caught work only late in the window, or a sleep lasted longer than
+/// `max`. Work that keeps returning within microseconds keeps the full window; work that returns
+/// tens of microseconds apart (a guest under emulation) is met asleep, one wake-up per kick.
 #[derive(Clone, Copy, Debug)]
 pub struct IdleSpin {
     max: Duration,
@@ -373,19 +376,29 @@ impl IdleSpin {
     pub fn window(&self) -> Duration {
         self.cur
     }
-    /// Spinning found work.
-    pub fn caught(&mut self) {
+    fn grow(&mut self) {
         self.cur = (self.cur * 2 + Self::STEP).min(self.max);
+    }
+    fn shrink(&mut self) {
+        self.cur /= 2;
+        if self.cur < Self::STEP {
+            self.cur = Duration::ZERO;
+        }
+    }
+    /// Spinning found work `after` this long.
+    pub fn caught(&mut self, after: Duration) {
+        if after <= self.cur / 2 {
+            self.grow();
+        } else {
+            self.shrink();
+        }
     }
     /// The poller slept for `gap` before work (or a timeout) woke it.
     pub fn slept(&mut self, gap: Duration) {
-        if gap < self.max {
-            self.caught();
-        } else {
-            self.cur /= 2;
-            if self.cur < Self::STEP {
-                self.cur = Duration::ZERO;
-            }
+        if gap < self.max / 4 {
+            self.grow();
+        } else if gap > self.max {
+            self.shrink();
         }
     }
 }
@@ -499,7 +512,7 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
         shared.stats.rounds.fetch_add(1, Ordering::Relaxed);
         if work > 0 {
             if idle_rounds > 0 {
-                spin.caught();
+                spin.caught(idle_since.elapsed());
             }
             idle_rounds = 0;
             continue;
@@ -1044,8 +1057,21 @@ mod tests {
         assert_eq!(s.window(), max, "dense requests: spin the full window");
         s.slept(Duration::from_secs(1));
         assert_eq!(s.window(), max / 2);
-        s.caught();
-        assert_eq!(s.window(), max);
+        s.caught(Duration::from_micros(2));
+        assert_eq!(s.window(), max, "work caught early in the window");
+        // Work that returns late in the window, or tens of microseconds apart: not worth spinning.
+        s.caught(Duration::from_micros(40));
+        assert_eq!(s.window(), max / 2);
+        s.slept(Duration::from_micros(30));
+        assert_eq!(
+            s.window(),
+            max / 2,
+            "a sleep between max/4 and max changes nothing"
+        );
+        for _ in 0..10 {
+            s.caught(max);
+        }
+        assert_eq!(s.window(), Duration::ZERO);
     }
 
     #[test]

@@ -152,7 +152,7 @@ fn print_attach(o: &serve::ServeOptions, embedded: bool) {
     println!("leapd: attach it to a QEMU guest with:");
     println!(
         "  -object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem -m 1G \\\n  \
-         -chardev socket,id=leap0,path={} -device vhost-user-blk-pci,chardev=leap0,num-queues={}",
+         -chardev socket,id=leap0,path={},reconnect-ms=1000 -device vhost-user-blk-pci,chardev=leap0,num-queues={}",
         sock.display(),
         o.queues
     );

@@ -22,7 +22,17 @@ const READS: u64 = 16;
 /// Reads come from blocks READ_BASE.. (filled before leapd starts); writes go to blocks 0...
 const READ_BASE: u64 = 100;
 
-fn start(sock: &Path, img: &Path, log: &Path, inflight: bool) -> Child {
+/// A leapd child, killed when dropped (so a failing test leaves no process behind).
+struct Leapd(Child);
+
+impl Drop for Leapd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(sock: &Path, img: &Path, log: &Path, inflight: bool) -> Leapd {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -52,7 +62,7 @@ fn start(sock: &Path, img: &Path, log: &Path, inflight: bool) -> Child {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    child
+    Leapd(child)
 }
 
 fn fill(block: u64) -> u8 {
@@ -102,7 +112,7 @@ fn run(inflight: bool) -> Outcome {
         f.write_all_at(&[fill(b); BLOCK], b * BLOCK as u64).unwrap();
     }
     drop(f);
-    let mut leapd = start(&sock, &img, &log, inflight);
+    let leapd = start(&sock, &img, &log, inflight);
     let mut d = Driver::connect(
         &sock,
         DriverOptions {
@@ -168,9 +178,8 @@ fn run(inflight: bool) -> Outcome {
         "writes should still be held when leapd is killed ({writes_done} done)"
     );
     // Kill leapd while it holds writes that precede completed reads in the ring.
-    leapd.kill().unwrap();
-    leapd.wait().unwrap();
-    let mut leapd = start(&sock, &img, &log, inflight);
+    drop(leapd); // SIGKILL
+    let leapd = start(&sock, &img, &log, inflight);
     let t = Instant::now();
     loop {
         match d.reconnect() {
@@ -210,7 +219,6 @@ fn run(inflight: bool) -> Outcome {
         // Every acknowledged write is on disk (read back by the new leapd's own file).
         let mut f = vec![0u8; BLOCK];
         let file = std::fs::File::open(&img).unwrap();
-        let _ = &mut leapd;
         for i in 0..WRITES {
             file.read_exact_at(&mut f, i * 8 * 512).unwrap();
             if f.iter().any(|&x| x != pattern(i)) {
@@ -218,8 +226,7 @@ fn run(inflight: bool) -> Outcome {
             }
         }
     }
-    leapd.kill().unwrap();
-    leapd.wait().unwrap();
+    drop(leapd);
     if out.missing > 0 || out.duplicates > 0 {
         eprintln!("{}", std::fs::read_to_string(&log).unwrap_or_default());
     }
@@ -283,12 +290,12 @@ fn sigterm_finishes_in_bounded_time_whatever_is_held() {
     );
     let t = Instant::now();
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(leapd.id() as i32),
+        nix::unistd::Pid::from_raw(leapd.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
     loop {
-        if let Some(st) = leapd.try_wait().unwrap() {
+        if let Some(st) = leapd.0.try_wait().unwrap() {
             assert!(st.success(), "leapd exited with {st}");
             break;
         }

@@ -89,8 +89,10 @@ fn check_shape(num_queues: u16, queue_size: u16, max_queues: u16) -> Result<(), 
 }
 
 impl Region {
-    /// A new zeroed region in a memfd for the front end to keep (GET_INFLIGHT_FD), every queue
-    /// initialized (version 1, `desc_num`). Returns the region, the file and its size.
+    /// A new zeroed region in a memfd for the front end to keep (GET_INFLIGHT_FD). Every queue
+    /// starts at version 0, "never used", as libvhost-user leaves it: the first start of the
+    /// ring initializes it against the ring's used index. Returns the region, the file and its
+    /// size.
     pub fn create(
         num_queues: u16,
         queue_size: u16,
