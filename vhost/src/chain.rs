@@ -61,51 +61,42 @@ pub fn walk<M: GuestMemory + ?Sized>(
             Err(ChainError::Stopped)
         }
     };
-    let mut index = head;
-    // At most one visit per entry of the ring's table (2.7.5.2: no loops).
-    let mut left = size;
-    while left > 0 {
-        let d = read_desc(mem, table, index)?;
-        if d.refers_to_indirect_table() {
-            // 2.7.5.3.1: NEXT and INDIRECT together are invalid, and an indirect descriptor is
-            // the only (hence last) one in the chain that points to a table.
-            if d.has_next() || d.len() == 0 || d.len() as u64 % DESC_BYTES != 0 {
-                return Err(ChainError::Indirect);
-            }
-            let n = d.len() as u64 / DESC_BYTES;
-            let n = u16::try_from(n).map_err(|_| ChainError::Indirect)?;
-            return walk_indirect(mem, d.addr(), n, &mut count);
-        }
-        left -= 1;
-        count(&d)?;
-        if !d.has_next() {
-            return Ok(());
-        }
-        index = d.next();
-        if index >= size {
-            return Err(ChainError::Next);
-        }
+    let indirect = match walk_table(mem, table, size, head, &mut count)? {
+        None => return Ok(()),
+        Some(d) => d,
+    };
+    // 2.7.5.3.1: NEXT and INDIRECT together are invalid, and an indirect descriptor is the only
+    // (hence last) one in the chain that points to a table.
+    if indirect.has_next() || indirect.len() == 0 || indirect.len() as u64 % DESC_BYTES != 0 {
+        return Err(ChainError::Indirect);
     }
-    Err(ChainError::Loop)
+    let n = u16::try_from(indirect.len() as u64 / DESC_BYTES).map_err(|_| ChainError::Indirect)?;
+    match walk_table(mem, indirect.addr(), n, 0, &mut count)? {
+        None => Ok(()),
+        // 2.7.5.3.1: no indirect table inside an indirect table.
+        Some(_) => Err(ChainError::Indirect),
+    }
 }
 
-fn walk_indirect<M: GuestMemory + ?Sized>(
+/// Walks one table of `n` entries (the ring's, or an indirect one) from `start`, handing each
+/// data descriptor to `count`, visiting at most `n` (2.7.5.2: no loops). Stops at the chain's end
+/// (None) or at a descriptor that points to an indirect table (returned).
+fn walk_table<M: GuestMemory + ?Sized>(
     mem: &M,
     table: GuestAddress,
     n: u16,
+    start: u16,
     count: &mut impl FnMut(&Descriptor) -> Result<(), ChainError>,
-) -> Result<(), ChainError> {
-    let mut index = 0u16;
-    // At most one visit per entry of the indirect table.
+) -> Result<Option<Descriptor>, ChainError> {
+    let mut index = start;
     for _ in 0..n {
         let d = read_desc(mem, table, index)?;
-        // 2.7.5.3.1: no indirect table inside an indirect table.
         if d.refers_to_indirect_table() {
-            return Err(ChainError::Indirect);
+            return Ok(Some(d));
         }
         count(&d)?;
         if !d.has_next() {
-            return Ok(());
+            return Ok(None);
         }
         index = d.next();
         if index >= n {

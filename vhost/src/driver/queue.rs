@@ -261,7 +261,7 @@ impl DriverQueue {
     /// or not (`false`: `VRING_AVAIL_F_NO_INTERRUPT`, or with EVENT_IDX a `used_event` left
     /// behind). Pure pollers turn this off so the backend skips an eventfd write per batch.
     ///
-    /// Backends built on virtio-queue 0.18 (vhost-user-backend, so Leap) ignore
+    /// Backends whose notification logic is virtio-queue 0.18's (Leap, vhost-user-backend) ignore
     /// `VRING_AVAIL_F_NO_INTERRUPT`: against them only the EVENT_IDX form saves anything.
     /// [`wait_used`](Self::wait_used) re-arms for the duration of its wait.
     pub fn set_interrupts(&mut self, on: bool) {
