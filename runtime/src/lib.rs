@@ -17,6 +17,7 @@ pub mod poller;
 pub mod ratelimit;
 pub mod stats;
 pub mod throttle;
+pub mod window;
 
 pub use addr::{AddrError, AddressSpace, Piece, Region};
 pub use controller::{AdminOutcome, Controller, ControllerConfig, ControllerKind, PropertyEffect};
