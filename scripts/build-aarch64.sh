@@ -27,7 +27,7 @@ fi
 export RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc \
   CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
   CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER=qemu-aarch64-static \
-  CARGO_TARGET_DIR=target/aarch64
+  CARGO_TARGET_DIR=target/aarch64 LEAP_TEST_RUNNER=qemu-aarch64-static
 echo "build-aarch64: $(/usr/bin/rustc --version), target dir target/aarch64"
 cargo build --workspace --all-targets --target aarch64-unknown-linux-gnu "$@"
 if [ "$run_tests" = 1 ]; then

@@ -12,8 +12,9 @@
 #      initiator against leapd target; leapd's initiator against Linux nvmet and leapd target)
 #      (a real QEMU guest; skipped loudly without QEMU/kernel/fio/busybox unless CI=true or
 #      LEAP_REQUIRE_GUEST=1)
-#   4. scripts/build-aarch64.sh           (when CI=true or LEAP_AARCH64=1; LEAP_AARCH64_TEST=1 also
-#      runs the aarch64 tests under qemu-user)
+#   4. scripts/build-aarch64.sh --test    (when CI=true or LEAP_AARCH64=1: cross-builds for
+#      aarch64 and runs every test that needs no guest under qemu-user; LEAP_AARCH64_TEST=0 only
+#      builds)
 # Env: LEAP_CARGO_TEST_TIMEOUT (s, default 1800) bounds step 2 (status 124 = it timed out).
 #      LEAP_SKIP_GUEST=1 skips step 3 and LEAP_SKIP_FUZZ=1 the fuzzing (neither allowed with
 #      CI=true); LEAP_SKIP_AARCH64=1 skips step 4.
@@ -94,7 +95,7 @@ if ! skipped guest LEAP_SKIP_GUEST; then
 fi
 
 if [ "$aarch64" = 1 ]; then
-  if [ "${LEAP_AARCH64_TEST:-0}" = 1 ]; then step aarch64 scripts/build-aarch64.sh --test
+  if [ "${LEAP_AARCH64_TEST:-1}" = 1 ]; then step aarch64 scripts/build-aarch64.sh --test
   else step aarch64 scripts/build-aarch64.sh; fi
 fi
 current=""

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn leapd() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_leapd"));
+    let mut c = leap_tests::program(env!("CARGO_BIN_EXE_leapd"));
     c.env("RUST_LOG", "info");
     c
 }

@@ -4,7 +4,7 @@
 
 use leap_runtime::backend::Backend;
 use leap_tests::nvmf::{connect, initiator, pattern, Driver, Op};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ fn start(port: u16, img: &std::path::Path, log: &std::path::Path) -> Child {
         .append(true)
         .open(log)
         .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_leapd"))
+    let child = leap_tests::program(env!("CARGO_BIN_EXE_leapd"))
         .args(["target", "--listen", &format!("127.0.0.1:{port}")])
         .args([
             "--discovery-port",

@@ -12,7 +12,7 @@ use leap_vhost::driver::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -38,7 +38,7 @@ fn start(sock: &Path, img: &Path, log: &Path, inflight: bool) -> Leapd {
         .append(true)
         .open(log)
         .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leapd"));
+    let mut cmd = leap_tests::program(env!("CARGO_BIN_EXE_leapd"));
     cmd.arg("serve")
         .arg("--socket")
         .arg(sock)

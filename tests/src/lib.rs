@@ -10,6 +10,21 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// A command that runs the program at `path` (a binary cargo built for the tests). When the tests
+/// run under an emulator (`scripts/build-aarch64.sh --test` sets `LEAP_TEST_RUNNER` to
+/// qemu-aarch64-static), the program runs under it too: test binaries get cargo's runner, but the
+/// programs they start do not.
+pub fn program(path: &str) -> std::process::Command {
+    match std::env::var_os("LEAP_TEST_RUNNER").filter(|r| !r.is_empty()) {
+        Some(runner) => {
+            let mut c = std::process::Command::new(runner);
+            c.arg(path);
+            c
+        }
+        None => std::process::Command::new(path),
+    }
+}
+
 /// A running server.
 pub struct TestServer {
     /// The socket.
