@@ -122,8 +122,11 @@ fn run_case(backend_name: &str, qd: u16, a: &BenchArgs) -> Result<Row, String> {
     let backend_ref = backend.clone();
     let size = backend.info().size;
     let platform = crate::platform::detect();
-    let pollers =
-        crate::serve::start_pollers(&*platform, 1, Duration::from_micros(a.idle_spin_us), false)?;
+    let pollers = crate::serve::start_pollers(
+        &*platform,
+        &crate::serve::Placement::Float(1),
+        Duration::from_micros(a.idle_spin_us),
+    )?;
     let ctx = DeviceContext {
         ns: Namespace::with_limits(backend, &spec.limits),
         pollers: pollers.clone(),

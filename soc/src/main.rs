@@ -75,6 +75,10 @@ pub(crate) struct PollerArgs {
     /// Pin each poller to its own CPU.
     #[arg(long)]
     pub pin: bool,
+    /// Run one poller per listed core, pinned to it (e.g. `2-3` or `0,2,4-5`); queues are spread
+    /// over them. Each poller's core and NUMA node are logged.
+    #[arg(long, value_name = "LIST", value_parser = serve::parse_core_list)]
+    pub cores: Option<serve::CoreList>,
 }
 
 pub(crate) fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -138,6 +142,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         pollers: a.poll.pollers.map(|p| p as usize),
         idle_spin: Duration::from_micros(a.poll.idle_spin_us),
         pin: a.poll.pin,
+        cores: a.poll.cores.map(|c| c.0),
     };
     let platform = platform::detect();
     serve::run(&*platform, &opts, |o| print_attach(o, embedded))

@@ -31,6 +31,8 @@ pub struct ServeOptions {
     pub idle_spin: Duration,
     /// Pin pollers to CPUs.
     pub pin: bool,
+    /// One pinned poller per listed core.
+    pub cores: Option<Vec<usize>>,
 }
 
 /// Opens the back end a disk spec names.
@@ -82,29 +84,158 @@ pub fn open_backend(disk: &DiskSpec, block_size: u32) -> Result<Arc<dyn Backend>
     })
 }
 
-/// Starts `n` pollers over the platform's CPUs.
+/// Where pollers run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// This many pollers, left to the scheduler.
+    Float(usize),
+    /// This many pollers, each pinned to its own CPU of the platform's (in order).
+    Pin(usize),
+    /// One poller per listed core, pinned (`--cores`), like a DAOS engine's targets.
+    Cores(Vec<usize>),
+}
+
+impl Placement {
+    /// From the command line: `--cores` wins (and must agree with `--pollers` if both are given);
+    /// else `--pollers` (or `default`), pinned with `--pin`.
+    pub fn from_args(
+        cores: Option<&[usize]>,
+        pollers: Option<usize>,
+        pin: bool,
+        default: usize,
+    ) -> Result<Placement, String> {
+        match cores {
+            Some(c) => match pollers {
+                Some(n) if n != c.len() => Err(format!(
+                    "--pollers {n} disagrees with --cores ({} core(s): one poller per core)",
+                    c.len()
+                )),
+                _ => Ok(Placement::Cores(c.to_vec())),
+            },
+            None => {
+                let n = pollers.unwrap_or(default).max(1);
+                Ok(if pin {
+                    Placement::Pin(n)
+                } else {
+                    Placement::Float(n)
+                })
+            }
+        }
+    }
+
+    /// Number of pollers.
+    pub fn count(&self) -> usize {
+        match self {
+            Placement::Float(n) | Placement::Pin(n) => *n,
+            Placement::Cores(c) => c.len(),
+        }
+    }
+}
+
+/// Starts pollers as `placement` says, logging each one's core and NUMA node.
 pub fn start_pollers(
     platform: &dyn Platform,
-    n: usize,
+    placement: &Placement,
     idle_spin: Duration,
-    pin: bool,
 ) -> Result<Arc<Vec<Poller>>, String> {
-    let cpus = platform.poller_cpus();
+    let allowed = platform.poller_cpus();
+    let cpus: Vec<Option<usize>> = match placement {
+        Placement::Float(n) => vec![None; *n],
+        Placement::Pin(n) => (0..*n)
+            .map(|i| allowed.get(i % allowed.len().max(1)).copied())
+            .collect(),
+        Placement::Cores(c) => {
+            for &core in c {
+                if !allowed.contains(&core) {
+                    return Err(format!(
+                        "--cores: core {core} is not available to leapd (allowed: {})",
+                        format_cores(&allowed)
+                    ));
+                }
+            }
+            c.iter().map(|&c| Some(c)).collect()
+        }
+    };
     let mut v = Vec::new();
-    for i in 0..n {
+    for (i, cpu) in cpus.into_iter().enumerate() {
         let cfg = PollerConfig {
             name: format!("leap-poller{i}"),
             idle_spin,
-            cpu: if pin {
-                cpus.get(i % cpus.len().max(1)).copied()
-            } else {
-                None
-            },
+            cpu,
             ..Default::default()
         };
+        match cpu {
+            Some(c) => log::info!(
+                "poller {i} on core {c} (NUMA node {})",
+                platform
+                    .numa_node(c)
+                    .map_or_else(|| "unknown".to_string(), |n| n.to_string())
+            ),
+            None => log::debug!("poller {i} not pinned"),
+        }
         v.push(Poller::spawn(cfg).map_err(|e| format!("cannot start poller: {e}"))?);
     }
     Ok(Arc::new(v))
+}
+
+/// A `--cores` value (one argument, not a list of arguments, for clap).
+#[derive(Clone, Debug)]
+pub struct CoreList(pub Vec<usize>);
+
+/// clap's parser for `--cores`.
+pub fn parse_core_list(s: &str) -> Result<CoreList, String> {
+    parse_cores(s).map(CoreList)
+}
+
+/// Parses a core list: `2-3`, `0,2,4-6`. Sorted, no duplicates, at most 1024 cores.
+pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a, b),
+            None => (part, part),
+        };
+        let num = |x: &str| {
+            x.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("'{part}' is not a core number or range (e.g. 2-3,6)"))
+        };
+        let (a, b) = (num(a)?, num(b)?);
+        if a > b {
+            return Err(format!("'{part}': range runs backwards"));
+        }
+        if b >= 1024 {
+            return Err(format!("'{part}': core numbers go up to 1023"));
+        }
+        out.extend(a..=b);
+    }
+    out.sort_unstable();
+    let n = out.len();
+    out.dedup();
+    if out.len() != n {
+        return Err(format!("'{s}' lists a core twice"));
+    }
+    Ok(out)
+}
+
+/// `0-1,4` style.
+fn format_cores(c: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < c.len() {
+        let mut j = i;
+        while j + 1 < c.len() && c[j + 1] == c[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            c[i].to_string()
+        } else {
+            format!("{}-{}", c[i], c[j])
+        });
+        i = j + 1;
+    }
+    out.join(",")
 }
 
 /// Serves until a signal arrives. Prints `how_to_attach` once listening.
@@ -117,11 +248,14 @@ pub fn run(
     let backend = open_backend(&o.disk, o.block_size)?;
     let ns = Namespace::with_limits(backend.clone(), &o.disk.limits);
     let cpus = platform.poller_cpus().len().max(1);
-    let npollers = o
-        .pollers
-        .unwrap_or_else(|| (o.queues as usize).min(cpus))
-        .max(1);
-    let pollers = start_pollers(platform, npollers, o.idle_spin, o.pin)?;
+    let placement = Placement::from_args(
+        o.cores.as_deref(),
+        o.pollers,
+        o.pin,
+        (o.queues as usize).min(cpus),
+    )?;
+    let npollers = placement.count();
+    let pollers = start_pollers(platform, &placement, o.idle_spin)?;
     let ctx = DeviceContext {
         ns,
         pollers: pollers.clone(),
@@ -164,4 +298,36 @@ pub fn run(
     leap_runtime::backend::sync(&*backend).map_err(|e| format!("final {e}"))?;
     log::info!("stopped cleanly");
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn core_lists_parse_and_bad_ones_say_why() {
+        assert_eq!(parse_cores("2-3").unwrap(), vec![2, 3]);
+        assert_eq!(parse_cores("6,0, 2-4").unwrap(), vec![0, 2, 3, 4, 6]);
+        for bad in ["", "x", "3-1", "1,1", "0-2000", "-1"] {
+            assert!(parse_cores(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(format_cores(&[0, 1, 2, 5, 7, 8]), "0-2,5,7-8");
+    }
+
+    #[test]
+    fn placement_follows_cores_then_pollers() {
+        assert_eq!(
+            Placement::from_args(Some(&[2, 3]), None, false, 1).unwrap(),
+            Placement::Cores(vec![2, 3])
+        );
+        assert!(Placement::from_args(Some(&[2, 3]), Some(3), false, 1).is_err());
+        assert_eq!(
+            Placement::from_args(None, Some(3), true, 1).unwrap(),
+            Placement::Pin(3)
+        );
+        assert_eq!(
+            Placement::from_args(None, None, false, 2).unwrap(),
+            Placement::Float(2)
+        );
+    }
 }

@@ -93,12 +93,17 @@ pub fn run(platform: &dyn Platform, a: TargetArgs) -> Result<(), String> {
     };
     let sub = Subsystem::new(cfg, nss);
     let cpus = platform.poller_cpus().len().max(1);
-    let n = a.poll.pollers.map_or(cpus.min(4), |p| p as usize).max(1);
+    let placement = crate::serve::Placement::from_args(
+        a.poll.cores.as_ref().map(|c| c.0.as_slice()),
+        a.poll.pollers.map(|p| p as usize),
+        a.poll.pin,
+        cpus.min(4),
+    )?;
+    let n = placement.count();
     let pollers = crate::serve::start_pollers(
         platform,
-        n,
+        &placement,
         Duration::from_micros(a.poll.idle_spin_us),
-        a.poll.pin,
     )?;
     let target = Target::start(sub.clone(), &listen, pollers.clone()).map_err(|e| e.to_string())?;
     let (tx, rx) = std::sync::mpsc::channel();

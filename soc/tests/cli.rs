@@ -146,6 +146,22 @@ fn bad_input_gets_one_line_errors() {
         ],
         "cannot listen",
     );
+    // Core placement: a core leapd may not use, a bad list, a poller count that disagrees.
+    let img = format!("{},size=1M", d.join("z.img").display());
+    let s = d.join("z.sock");
+    let base = ["serve", "--socket", s.to_str().unwrap(), "--disk", &img];
+    fails_with(
+        &[&base[..], &["--cores", "1000"]].concat(),
+        "is not available to leapd",
+    );
+    fails_with(
+        &[&base[..], &["--cores", "3-1"]].concat(),
+        "range runs backwards",
+    );
+    fails_with(
+        &[&base[..], &["--cores", "0", "--pollers", "2"]].concat(),
+        "disagrees with --cores",
+    );
     assert!(!sock.exists());
 }
 

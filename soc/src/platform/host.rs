@@ -33,4 +33,12 @@ impl Platform for Host {
             .unwrap_or(1))
             .collect()
     }
+
+    fn numa_node(&self, cpu: usize) -> Option<usize> {
+        // sysfs links each CPU to its node: /sys/devices/system/cpu/cpuN/nodeM.
+        std::fs::read_dir(format!("/sys/devices/system/cpu/cpu{cpu}"))
+            .ok()?
+            .flatten()
+            .find_map(|e| e.file_name().to_str()?.strip_prefix("node")?.parse().ok())
+    }
 }

@@ -15,6 +15,8 @@ pub trait Platform {
     fn page_size(&self) -> usize;
     /// CPUs leapd may run pollers on, in order of preference.
     fn poller_cpus(&self) -> Vec<usize>;
+    /// The NUMA node of `cpu`, if the platform knows it.
+    fn numa_node(&self, cpu: usize) -> Option<usize>;
 }
 
 /// The platform leapd is running on.
