@@ -15,6 +15,7 @@ pub mod device;
 pub mod inflight;
 pub mod queue;
 pub mod region;
+pub mod relay;
 pub mod server;
 pub mod stats;
 
