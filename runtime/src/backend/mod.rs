@@ -8,11 +8,13 @@
 use leap_queues::Status;
 use std::os::fd::RawFd;
 
+pub mod bounce;
 pub mod file;
 pub mod null;
 pub mod ram;
 mod sync_io;
 
+pub use bounce::BounceBackend;
 pub use file::{FileBackend, FileOptions};
 pub use null::NullBackend;
 pub use ram::RamBackend;
