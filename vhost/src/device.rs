@@ -124,10 +124,10 @@ pub struct DeviceContext {
 
 /// Split-ring addresses of one virtqueue, as guest addresses.
 #[derive(Clone, Copy, Debug)]
-struct RingAddrs {
-    desc: u64,
-    avail: u64,
-    used: u64,
+pub(crate) struct RingAddrs {
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
 }
 
 /// What the front end told us about one virtqueue.
@@ -301,11 +301,6 @@ impl BlkDevice {
         p
     }
 
-    /// Queue pair capsule size: enough for an SGL of `seg_max` descriptors or the discard ranges.
-    fn capsule_bytes(&self) -> usize {
-        16 * (self.ctx.config.seg_max as usize + 2).max(self.shared.shape.max_discard_seg as usize)
-    }
-
     fn ring_index(&self, index: u32) -> VuResult<usize> {
         let q = index as usize;
         if q < self.rings.len() {
@@ -341,80 +336,24 @@ impl BlkDevice {
         if size == 0 {
             return Err(self.refuse(format!("queue {q} started before its size")));
         }
-        if self.table.is_empty() {
-            return Err(self.refuse(format!("queue {q} started before the memory table")));
-        }
-        let mem = self.table.mem.clone();
-        let mut queue = virtio_queue::Queue::new(self.ctx.config.max_queue_size)
-            .map_err(|e| self.refuse(format!("queue {q}: {e}")))?;
-        use virtio_queue::QueueT;
-        queue.set_size(size);
-        queue.set_desc_table_address(Some(addrs.desc as u32), Some((addrs.desc >> 32) as u32));
-        queue.set_avail_ring_address(Some(addrs.avail as u32), Some((addrs.avail >> 32) as u32));
-        queue.set_used_ring_address(Some(addrs.used as u32), Some((addrs.used >> 32) as u32));
-        queue.set_event_idx(self.acked_features & (1 << feature::RING_EVENT_IDX) != 0);
-        queue.set_ready(true);
-        if !queue.is_valid(&*mem) {
-            return Err(self.refuse(format!("queue {q}: its rings are not inside guest memory")));
-        }
-        // Where to continue: from the inflight region when there is one (requests the previous
-        // back end took but never completed come back first), else from SET_VRING_BASE.
-        let mut tracker = None;
-        let mut resubmit = Vec::new();
-        if let Some(region) = &self.inflight {
-            let used_idx = queue
-                .used_idx(&*mem, Ordering::Acquire)
-                .map_err(|e| self.refuse(format!("queue {q}: used ring: {e}")))?
-                .0;
-            let mut t = QueueTracker::new(region.clone(), q as u16, size)
-                .map_err(|e| self.refuse(format!("queue {q}: {e}")))?;
-            resubmit = t
-                .recover(used_idx)
-                .map_err(|e| self.refuse(format!("queue {q}: {e}")))?;
-            queue.set_next_used(used_idx);
-            queue.set_next_avail(used_idx.wrapping_add(resubmit.len() as u16));
-            if !resubmit.is_empty() {
-                log::info!(
-                    "queue {q}: resubmitting {} request(s) a previous back end left in flight",
-                    resubmit.len()
-                );
-            }
-            tracker = Some(t);
-        } else {
-            queue.set_next_avail(r.base);
-            queue.set_next_used(r.base);
-        }
-        let kick = r
-            .kick
-            .as_ref()
-            .and_then(|k| k.try_clone().ok())
-            .ok_or_else(|| self.refuse(format!("queue {q}: cannot duplicate its kick fd")))?;
-        let depth = size.max(2);
-        let port = BlkQueue::new(RingSetup {
-            index: q as u16,
-            queue,
-            kick,
-            call: r.call.clone(),
-            shared: self.shared.clone(),
-            depth,
-            tracker,
-            resubmit,
-            stopped_at: r.stopped_at.clone(),
-        });
-        let pi = q % self.ctx.pollers.len();
-        match self.ctx.pollers[pi].attach(
-            Box::new(port),
-            self.nss.clone(),
-            depth,
-            self.capsule_bytes(),
-            self.ctx.io_stats.queue(q),
-        ) {
-            Ok(id) => {
-                log::debug!("queue {q} ({size} entries) started on poller {pi}");
-                self.rings[q].running = Some((pi, id));
+        let params = RingParams {
+            q,
+            size,
+            addrs,
+            base: r.base,
+            event_idx: self.acked_features & (1 << feature::RING_EVENT_IDX) != 0,
+            kick: r.kick.as_ref(),
+            call: &r.call,
+            inflight: self.inflight.as_ref(),
+            stopped_at: &r.stopped_at,
+            mem: &self.table,
+        };
+        match start_ring(&self.ctx, &self.nss, &self.shared, params) {
+            Ok(running) => {
+                self.rings[q].running = Some(running);
                 Ok(())
             }
-            Err(e) => Err(self.refuse(format!("queue {q}: cannot attach to a poller: {e}"))),
+            Err(e) => Err(self.refuse(e)),
         }
     }
 
@@ -489,6 +428,108 @@ impl BlkDevice {
             used: gpa[2],
         })
     }
+}
+
+/// Everything a ring needs to start, whoever described it (a vhost-user front end, or the host
+/// agent for leapd on a SoC).
+pub(crate) struct RingParams<'a> {
+    pub q: usize,
+    pub size: u16,
+    pub addrs: RingAddrs,
+    /// Where to start without an inflight region.
+    pub base: u16,
+    pub event_idx: bool,
+    pub kick: Option<&'a File>,
+    pub call: &'a Arc<Signal>,
+    pub inflight: Option<&'a Arc<inflight::Region>>,
+    pub stopped_at: &'a Arc<AtomicU32>,
+    pub mem: &'a MemoryTable,
+}
+
+/// Queue pair capsule size: enough for an SGL of `seg_max` descriptors or the discard ranges.
+fn capsule_bytes(ctx: &DeviceContext, shared: &Shared) -> usize {
+    16 * (ctx.config.seg_max as usize + 2).max(shared.shape.max_discard_seg as usize)
+}
+
+/// Starts a ring: builds and checks its `Queue` in guest memory, positions it (from the
+/// inflight region when there is one: requests a previous back end took but never completed
+/// come back first; else from `base`), and attaches its port to a poller. Returns the poller and
+/// pair serving it.
+pub(crate) fn start_ring(
+    ctx: &DeviceContext,
+    nss: &Arc<Namespaces>,
+    shared: &Arc<Shared>,
+    p: RingParams<'_>,
+) -> Result<(usize, PairId), String> {
+    use virtio_queue::QueueT;
+    let q = p.q;
+    if p.mem.is_empty() {
+        return Err(format!("queue {q} started before the memory table"));
+    }
+    let mem = p.mem.mem.clone();
+    let mut queue = virtio_queue::Queue::new(ctx.config.max_queue_size)
+        .map_err(|e| format!("queue {q}: {e}"))?;
+    let a = p.addrs;
+    queue.set_size(p.size);
+    queue.set_desc_table_address(Some(a.desc as u32), Some((a.desc >> 32) as u32));
+    queue.set_avail_ring_address(Some(a.avail as u32), Some((a.avail >> 32) as u32));
+    queue.set_used_ring_address(Some(a.used as u32), Some((a.used >> 32) as u32));
+    queue.set_event_idx(p.event_idx);
+    queue.set_ready(true);
+    if !queue.is_valid(&*mem) {
+        return Err(format!("queue {q}: its rings are not inside guest memory"));
+    }
+    let mut tracker = None;
+    let mut resubmit = Vec::new();
+    if let Some(region) = p.inflight {
+        let used_idx = queue
+            .used_idx(&*mem, Ordering::Acquire)
+            .map_err(|e| format!("queue {q}: used ring: {e}"))?
+            .0;
+        let mut t = QueueTracker::new(region.clone(), q as u16, p.size)
+            .map_err(|e| format!("queue {q}: {e}"))?;
+        resubmit = t.recover(used_idx).map_err(|e| format!("queue {q}: {e}"))?;
+        queue.set_next_used(used_idx);
+        queue.set_next_avail(used_idx.wrapping_add(resubmit.len() as u16));
+        if !resubmit.is_empty() {
+            log::info!(
+                "queue {q}: resubmitting {} request(s) a previous back end left in flight",
+                resubmit.len()
+            );
+        }
+        tracker = Some(t);
+    } else {
+        queue.set_next_avail(p.base);
+        queue.set_next_used(p.base);
+    }
+    let kick = p
+        .kick
+        .and_then(|k| k.try_clone().ok())
+        .ok_or_else(|| format!("queue {q}: no kick fd, or it cannot be duplicated"))?;
+    let depth = p.size.max(2);
+    let port = BlkQueue::new(RingSetup {
+        index: q as u16,
+        queue,
+        kick,
+        call: p.call.clone(),
+        shared: shared.clone(),
+        depth,
+        tracker,
+        resubmit,
+        stopped_at: p.stopped_at.clone(),
+    });
+    let pi = q % ctx.pollers.len();
+    let id = ctx.pollers[pi]
+        .attach(
+            Box::new(port),
+            nss.clone(),
+            depth,
+            capsule_bytes(ctx, shared),
+            ctx.io_stats.queue(q),
+        )
+        .map_err(|e| format!("queue {q}: cannot attach to a poller: {e}"))?;
+    log::debug!("queue {q} ({} entries) started on poller {pi}", p.size);
+    Ok((pi, id))
 }
 
 struct RingAddrsVa {
