@@ -128,18 +128,30 @@ fn lookup<T: Copy>(entries: &[T], addr: u64, key: impl Fn(&T) -> (u64, u64)) -> 
     })
 }
 
-/// Folds the three tables into regions gA → vA (device address sA), cut at every boundary of
-/// every level. `page` is the page size (a power of two).
-pub fn compose(
+/// A guest range and the SoC address it appears at through a window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocRange {
+    /// First guest address.
+    pub guest: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Host address of `guest`.
+    pub host: u64,
+    /// SoC address of `guest`.
+    pub soc: u64,
+}
+
+/// Folds the first two tables: guest ranges → SoC addresses, cut at every window boundary. For a
+/// process that maps each piece itself (from a BAR's resource file, say) rather than through a
+/// table of existing mappings.
+pub fn compose_soc(
     guest: &[GuestRange],
     windows: &[Window],
-    maps: &[Mapping],
     page: u64,
-) -> Result<Vec<Region>, WindowError> {
+) -> Result<Vec<SocRange>, WindowError> {
     debug_assert!(page.is_power_of_two());
     check_entries("guest table", guest, page, |g| (g.guest, g.len, g.host))?;
     check_entries("window", windows, page, |w| (w.host, w.len, w.soc))?;
-    check_entries("mapping", maps, page, |m| (m.soc, m.len, m.va as u64))?;
     // Different guest ranges may show the same host memory (aliases); windows may not overlap in
     // SoC space either, since mappings are looked up by SoC address.
     let mut by_soc = windows.to_vec();
@@ -149,6 +161,40 @@ pub fn compose(
             return Err(WindowError::Overlap(k, k + 1, "window (SoC side)"));
         }
     }
+    let mut out = Vec::new();
+    for g in guest {
+        let mut off = 0u64;
+        while off < g.len {
+            let (ga, ha) = (g.guest + off, g.host + off);
+            let (w, woff) =
+                lookup(windows, ha, |w| (w.host, w.len)).ok_or(WindowError::Unreachable {
+                    guest: ga,
+                    host: ha,
+                    why: "no window exposes it",
+                })?;
+            let len = (g.len - off).min(w.len - woff);
+            out.push(SocRange {
+                guest: ga,
+                len,
+                host: ha,
+                soc: w.soc + woff,
+            });
+            off += len;
+        }
+    }
+    Ok(out)
+}
+
+/// Folds the three tables into regions gA → vA (device address sA), cut at every boundary of
+/// every level. `page` is the page size (a power of two).
+pub fn compose(
+    guest: &[GuestRange],
+    windows: &[Window],
+    maps: &[Mapping],
+    page: u64,
+) -> Result<Vec<Region>, WindowError> {
+    let soc = compose_soc(guest, windows, page)?;
+    check_entries("mapping", maps, page, |m| (m.soc, m.len, m.va as u64))?;
     if maps
         .iter()
         .any(|m| usize::try_from(m.len).is_err() || m.va.checked_add(m.len as usize).is_none())
@@ -160,28 +206,20 @@ pub fn compose(
         });
     }
     let mut out = Vec::new();
-    for g in guest {
+    for r in soc {
         let mut off = 0u64;
-        while off < g.len {
-            let ga = g.guest + off;
-            let ha = g.host + off;
-            let (w, woff) =
-                lookup(windows, ha, |w| (w.host, w.len)).ok_or(WindowError::Unreachable {
-                    guest: ga,
-                    host: ha,
-                    why: "no window exposes it",
-                })?;
-            let sa = w.soc + woff;
+        while off < r.len {
+            let sa = r.soc + off;
             let (m, moff) =
                 lookup(maps, sa, |m| (m.soc, m.len)).ok_or(WindowError::Unreachable {
-                    guest: ga,
-                    host: ha,
+                    guest: r.guest + off,
+                    host: r.host + off,
                     why: "its window is not mapped here",
                 })?;
             // The piece ends at the nearest boundary of any level.
-            let len = (g.len - off).min(w.len - woff).min(m.len - moff);
+            let len = (r.len - off).min(m.len - moff);
             out.push(Region {
-                guest: ga,
+                guest: r.guest + off,
                 len,
                 host: m.va + moff as usize,
                 device: sa,

@@ -8,12 +8,24 @@
 //! Only then does the table replace the previous one, so a refused table leaves the device as it
 //! was.
 
+use leap_runtime::window::{compose_soc, GuestRange, Window};
 use leap_runtime::{AddressSpace, Region as AsRegion};
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+/// A file through which the SoC reaches a window: offset 0 is SoC address `soc`, and `len`
+/// bytes are mappable.
+pub struct WindowFile {
+    /// The file (a BAR's sysfs `resourceN`, or any file in tests).
+    pub file: File,
+    /// SoC address of offset 0.
+    pub soc: u64,
+    /// Mappable bytes.
+    pub len: u64,
+}
 
 /// The most regions a table may have (vhost-user's limit without CONFIGURE_MEM_SLOTS).
 pub const MAX_REGIONS: usize = 8;
@@ -85,7 +97,70 @@ impl MemoryTable {
 
     /// Whether a table has been set.
     pub fn is_empty(&self) -> bool {
-        self.frontend.is_empty()
+        self.aspace.regions().is_empty()
+    }
+
+    /// Guest memory seen through windows (leapd on a SoC): the guest table and windows the host
+    /// agent describes, composed (`leap_runtime::window::compose_soc`: every entry page aligned,
+    /// every guest byte reachable, nothing overlapping), and each piece mapped from the window
+    /// file that holds its SoC addresses (a BAR's sysfs resource file; in tests, the tenant's RAM
+    /// file itself). The device address of each region is its SoC address. Ring addresses come
+    /// as guest addresses from the agent, so there is no front-end address table.
+    pub fn from_window(
+        guest: &[GuestRange],
+        windows: &[Window],
+        files: &[WindowFile],
+    ) -> Result<Self, MemError> {
+        let page = page_size();
+        let pieces =
+            compose_soc(guest, windows, page).map_err(|e| MemError::Table(e.to_string()))?;
+        if pieces.is_empty() {
+            return Err(MemError::Table("no guest memory".into()));
+        }
+        let mut mapped = Vec::with_capacity(pieces.len());
+        let mut table = Vec::with_capacity(pieces.len());
+        for (index, p) in pieces.iter().enumerate() {
+            let bad = |why: String| MemError::Region { index, why };
+            let f = files
+                .iter()
+                .find(|f| p.soc >= f.soc && p.soc - f.soc + p.len <= f.len)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "SoC addresses {:#x}+{:#x} are in no window file",
+                        p.soc, p.len
+                    ))
+                })?;
+            let offset = p.soc - f.soc;
+            // The window file must really hold those bytes (a mapping past its end would SIGBUS).
+            check_file_covers(&f.file, offset, p.len).map_err(bad)?;
+            let len = usize::try_from(p.len).map_err(|_| bad("too large".into()))?;
+            let file = f.file.try_clone().map_err(|e| bad(format!("dup: {e}")))?;
+            let region = GuestRegionMmap::<()>::from_range(
+                GuestAddress(p.guest),
+                len,
+                Some(FileOffset::new(file, offset)),
+            )
+            .map_err(|e| bad(format!("mmap of the window at {offset:#x}: {e}")))?;
+            table.push(AsRegion {
+                guest: p.guest,
+                len: p.len,
+                host: region.as_ptr() as usize,
+                device: p.soc,
+            });
+            mapped.push(region);
+        }
+        let mem = Arc::new(
+            GuestMemoryMmap::from_regions(mapped)
+                .map_err(|e| MemError::Table(format!("regions: {e}")))?,
+        );
+        let keep: Arc<dyn std::any::Any + Send + Sync> = mem.clone();
+        let aspace =
+            AddressSpace::new(table, Some(keep)).map_err(|e| MemError::Table(e.to_string()))?;
+        Ok(MemoryTable {
+            mem,
+            aspace: Arc::new(aspace),
+            frontend: Vec::new(),
+        })
     }
 
     /// Checks and maps a table.
@@ -225,6 +300,105 @@ mod tests {
         assert_eq!(t.va_to_gpa(0x7000_0000 + 4 * p - 8, 16), None);
         assert_eq!(t.va_to_gpa(0x1000, 1), None);
         assert_eq!(t.va_to_gpa(u64::MAX, 2), None);
+    }
+
+    #[test]
+    fn window_memory_is_the_tenant_memory() {
+        use vm_memory::Bytes;
+        let p = page_size();
+        // The tenant's RAM file, which the SoC sees as a BAR at 0xc000_0000.
+        let ram = memfd(16 * p);
+        use std::os::unix::fs::FileExt;
+        ram.write_all_at(b"hello through the window", 3 * p + 8)
+            .unwrap();
+        let t = MemoryTable::from_window(
+            &[GuestRange {
+                guest: 1 << 32,
+                len: 8 * p,
+                host: 2 * p,
+            }],
+            &[Window {
+                host: 0,
+                len: 16 * p,
+                soc: 0xc000_0000,
+            }],
+            &[WindowFile {
+                file: ram.try_clone().unwrap(),
+                soc: 0xc000_0000,
+                len: 16 * p,
+            }],
+        )
+        .unwrap();
+        assert!(!t.is_empty());
+        // Guest address 4G + p + 8 is host (file) offset 3p + 8.
+        let mut got = [0u8; 24];
+        t.mem
+            .read_slice(&mut got, GuestAddress((1 << 32) + p + 8))
+            .unwrap();
+        assert_eq!(&got, b"hello through the window");
+        let r = t.aspace.regions()[0];
+        assert_eq!((r.guest, r.device), (1 << 32, 0xc000_0000 + 2 * p));
+        // Writes land in the tenant's file.
+        t.mem.write_slice(b"back", GuestAddress(1 << 32)).unwrap();
+        let mut f = [0u8; 4];
+        ram.read_exact_at(&mut f, 2 * p).unwrap();
+        assert_eq!(&f, b"back");
+        // A guest range the window does not cover, or a window no file holds: refused.
+        let no_window = MemoryTable::from_window(
+            &[GuestRange {
+                guest: 0,
+                len: 4 * p,
+                host: 14 * p,
+            }],
+            &[Window {
+                host: 0,
+                len: 16 * p,
+                soc: 0xc000_0000,
+            }],
+            &[WindowFile {
+                file: ram.try_clone().unwrap(),
+                soc: 0xc000_0000,
+                len: 16 * p,
+            }],
+        );
+        assert!(no_window.is_err());
+        // A window file that claims more than it holds (SIGBUS if mapped): refused.
+        let short = MemoryTable::from_window(
+            &[GuestRange {
+                guest: 0,
+                len: 4 * p,
+                host: 20 * p,
+            }],
+            &[Window {
+                host: 0,
+                len: 64 * p,
+                soc: 0xc000_0000,
+            }],
+            &[WindowFile {
+                file: ram.try_clone().unwrap(),
+                soc: 0xc000_0000,
+                len: 64 * p,
+            }],
+        );
+        assert!(short.is_err());
+        let no_file = MemoryTable::from_window(
+            &[GuestRange {
+                guest: 0,
+                len: 4 * p,
+                host: 0,
+            }],
+            &[Window {
+                host: 0,
+                len: 16 * p,
+                soc: 0xd000_0000,
+            }],
+            &[WindowFile {
+                file: ram,
+                soc: 0xc000_0000,
+                len: 16 * p,
+            }],
+        );
+        assert!(no_file.is_err());
     }
 
     #[test]
