@@ -91,6 +91,36 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The state of a new device of `ctx`'s disk: no memory yet, the configured cache mode.
+    pub fn new(ctx: &DeviceContext) -> Arc<Shared> {
+        let info = ctx.ns.info();
+        Arc::new(Shared {
+            shape: DiskShape {
+                sectors: info.size >> 9,
+                block_size: info.block_size,
+                read_only: info.read_only,
+                discard: info.discard,
+                write_zeroes: info.write_zeroes,
+                volatile_cache: info.volatile_cache,
+                max_transfer: info.max_transfer,
+                serial: info.serial.clone(),
+                max_discard_seg: ctx.config.max_discard_seg.min(256),
+            },
+            writeback: AtomicBool::new(ctx.writeback && info.volatile_cache),
+            stats: ctx.stats.clone(),
+            memory: Mutex::new(MemoryTable::empty()),
+            memory_gen: AtomicU64::new(0),
+        })
+    }
+
+    /// Replaces the guest memory; queues pick it up at their next round.
+    pub fn set_memory(&self, table: MemoryTable) {
+        if let Ok(mut m) = self.memory.lock() {
+            *m = table;
+        }
+        self.memory_gen.fetch_add(1, Ordering::Release);
+    }
+
     /// The current memory and its generation.
     pub fn memory(&self) -> (MemoryTable, u64) {
         let g = self.memory_gen.load(Ordering::Acquire);
@@ -186,24 +216,7 @@ fn refused(stats: &VhostStats, why: String) -> VuError {
 impl BlkDevice {
     /// A device for one connection.
     pub fn new(ctx: DeviceContext) -> Self {
-        let info = ctx.ns.info();
-        let shared = Arc::new(Shared {
-            shape: DiskShape {
-                sectors: info.size >> 9,
-                block_size: info.block_size,
-                read_only: info.read_only,
-                discard: info.discard,
-                write_zeroes: info.write_zeroes,
-                volatile_cache: info.volatile_cache,
-                max_transfer: info.max_transfer,
-                serial: info.serial.clone(),
-                max_discard_seg: ctx.config.max_discard_seg.min(256),
-            },
-            writeback: AtomicBool::new(ctx.writeback && info.volatile_cache),
-            stats: ctx.stats.clone(),
-            memory: Mutex::new(MemoryTable::empty()),
-            memory_gen: AtomicU64::new(0),
-        });
+        let shared = Shared::new(&ctx);
         let rings = (0..ctx.config.num_queues).map(|_| Ring::new()).collect();
         BlkDevice {
             nss: Namespaces::single(ctx.ns.clone()),
@@ -230,65 +243,12 @@ impl BlkDevice {
 
     /// The configuration space values.
     pub fn blk_config(&self) -> BlkConfig {
-        let s = &self.shared.shape;
-        let c = &self.ctx.config;
-        let block_sectors = s.block_size / 512;
-        // A back end with a transfer limit (a remote controller's MDTS): segments of at most one
-        // 4 KiB page and no more of them than the limit holds, so no request exceeds it.
-        let (size_max, seg_max) = match s.max_transfer {
-            0 => (c.size_max, c.seg_max),
-            m => (c.size_max.min(4096), c.seg_max.min(m / 4096).max(1)),
-        };
-        BlkConfig {
-            capacity: s.sectors,
-            size_max,
-            seg_max,
-            blk_size: s.block_size,
-            // TOPOLOGY is not offered; min_io_size 1 keeps the field sane for drivers that read it.
-            min_io_size: 1,
-            writeback: self.shared.writeback.load(Ordering::Relaxed),
-            num_queues: c.num_queues,
-            // Whole blocks, no more than the disk, and at most 2^30 sectors (one Dataset
-            // Management range holds 2^32 - 1 blocks).
-            max_discard_sectors: (s.sectors.min(1 << 30) as u32 / block_sectors * block_sectors)
-                .max(block_sectors),
-            max_discard_seg: s.max_discard_seg,
-            discard_sector_alignment: block_sectors,
-            // One NVMe Write Zeroes command covers at most 65536 blocks.
-            max_write_zeroes_sectors: 65536 * block_sectors,
-            max_write_zeroes_seg: 1,
-            write_zeroes_may_unmap: s.discard,
-            ..BlkConfig::default()
-        }
+        blk_config(&self.ctx, &self.shared)
     }
 
     /// Virtio features offered.
     pub fn features(&self) -> u64 {
-        let mut f = 1u64 << feature::VERSION_1
-            | 1 << feature::RING_EVENT_IDX
-            | 1 << feature::RING_INDIRECT_DESC
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-            | 1 << feature::SIZE_MAX
-            | 1 << feature::SEG_MAX
-            | 1 << feature::BLK_SIZE
-            | 1 << feature::FLUSH
-            | 1 << feature::MQ;
-        // Offer what the back end can do (DiskInfo), nothing more.
-        let s = &self.shared.shape;
-        if s.volatile_cache {
-            f |= 1 << feature::CONFIG_WCE;
-        }
-        if s.read_only {
-            f |= 1 << feature::RO;
-        } else {
-            if s.discard {
-                f |= 1 << feature::DISCARD;
-            }
-            if s.write_zeroes {
-                f |= 1 << feature::WRITE_ZEROES;
-            }
-        }
-        f
+        offered_features(&self.shared)
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -428,6 +388,69 @@ impl BlkDevice {
             used: gpa[2],
         })
     }
+}
+
+/// The configuration space of a device of `ctx`'s disk.
+pub(crate) fn blk_config(ctx: &DeviceContext, shared: &Shared) -> BlkConfig {
+    let s = &shared.shape;
+    let c = &ctx.config;
+    let block_sectors = s.block_size / 512;
+    // A back end with a transfer limit (a remote controller's MDTS): segments of at most one
+    // 4 KiB page and no more of them than the limit holds, so no request exceeds it.
+    let (size_max, seg_max) = match s.max_transfer {
+        0 => (c.size_max, c.seg_max),
+        m => (c.size_max.min(4096), c.seg_max.min(m / 4096).max(1)),
+    };
+    BlkConfig {
+        capacity: s.sectors,
+        size_max,
+        seg_max,
+        blk_size: s.block_size,
+        // TOPOLOGY is not offered; min_io_size 1 keeps the field sane for drivers that read it.
+        min_io_size: 1,
+        writeback: shared.writeback.load(Ordering::Relaxed),
+        num_queues: c.num_queues,
+        // Whole blocks, no more than the disk, and at most 2^30 sectors (one Dataset
+        // Management range holds 2^32 - 1 blocks).
+        max_discard_sectors: (s.sectors.min(1 << 30) as u32 / block_sectors * block_sectors)
+            .max(block_sectors),
+        max_discard_seg: s.max_discard_seg,
+        discard_sector_alignment: block_sectors,
+        // One NVMe Write Zeroes command covers at most 65536 blocks.
+        max_write_zeroes_sectors: 65536 * block_sectors,
+        max_write_zeroes_seg: 1,
+        write_zeroes_may_unmap: s.discard,
+        ..BlkConfig::default()
+    }
+}
+
+/// The virtio features a device of this disk offers: what the back end can do, nothing more.
+pub(crate) fn offered_features(shared: &Shared) -> u64 {
+    let mut f = 1u64 << feature::VERSION_1
+        | 1 << feature::RING_EVENT_IDX
+        | 1 << feature::RING_INDIRECT_DESC
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | 1 << feature::SIZE_MAX
+        | 1 << feature::SEG_MAX
+        | 1 << feature::BLK_SIZE
+        | 1 << feature::FLUSH
+        | 1 << feature::MQ;
+    // Offer what the back end can do (DiskInfo), nothing more.
+    let s = &shared.shape;
+    if s.volatile_cache {
+        f |= 1 << feature::CONFIG_WCE;
+    }
+    if s.read_only {
+        f |= 1 << feature::RO;
+    } else {
+        if s.discard {
+            f |= 1 << feature::DISCARD;
+        }
+        if s.write_zeroes {
+            f |= 1 << feature::WRITE_ZEROES;
+        }
+    }
+    f
 }
 
 /// Everything a ring needs to start, whoever described it (a vhost-user front end, or the host
@@ -581,10 +604,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         let table = MemoryTable::build(regions, files).map_err(|e| self.refuse(e.to_string()))?;
         // Only a table that passed every check replaces the current one. Queues pick it up at
         // their next round; the old mappings live until I/O that used them completes.
-        if let Ok(mut m) = self.shared.memory.lock() {
-            *m = table.clone();
-        }
-        self.shared.memory_gen.fetch_add(1, Ordering::Release);
+        self.shared.set_memory(table.clone());
         self.table = table;
         Ok(None)
     }

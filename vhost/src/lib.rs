@@ -17,6 +17,7 @@ pub mod queue;
 pub mod region;
 pub mod relay;
 pub mod server;
+pub mod soc;
 pub mod stats;
 
 #[cfg(feature = "driver")]

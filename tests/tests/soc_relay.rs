@@ -1,0 +1,271 @@
+//! leapd's SoC side of the agent protocol, in process: the tenant's RAM is a memfd, which the
+//! "SoC" reaches as a window (the file mapped at a SoC address, as an ivshmem BAR would show
+//! it). The test plays the host agent over a socketpair (memory table, ring, start, kicks) and
+//! the tenant's driver (descriptor chains written straight into the RAM file). Requests are
+//! served out of the window; only control crosses the channel.
+
+use leap_runtime::backend::{Backend, RamBackend};
+use leap_runtime::window::Window;
+use leap_runtime::{DeviceIoStats, Namespace};
+use leap_tests::spawn_pollers;
+use leap_vhost::region::WindowFile;
+use leap_vhost::relay::{self, Framer, MemRegion, Msg, Role, Vring};
+use leap_vhost::soc::{serve, SocDevice};
+use leap_vhost::{DeviceConfig, DeviceContext, Malformed, VhostStats};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const RAM: u64 = 1 << 20;
+const SOC: u64 = 0xc000_0000;
+const DESC: u64 = 0x1000;
+const AVAIL: u64 = 0x2000;
+const USED: u64 = 0x3000;
+
+fn memfd(len: u64) -> std::fs::File {
+    let fd = nix::sys::memfd::memfd_create(c"tenant-ram", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .unwrap();
+    let f = std::fs::File::from(fd);
+    f.set_len(len).unwrap();
+    f
+}
+
+fn desc(ram: &std::fs::File, i: u64, addr: u64, len: u32, flags: u16, next: u16) {
+    let mut d = [0u8; 16];
+    d[0..8].copy_from_slice(&addr.to_le_bytes());
+    d[8..12].copy_from_slice(&len.to_le_bytes());
+    d[12..14].copy_from_slice(&flags.to_le_bytes());
+    d[14..16].copy_from_slice(&next.to_le_bytes());
+    ram.write_all_at(&d, DESC + 16 * i).unwrap();
+}
+
+/// Writes request `k` (head 3k: header, 512 bytes of data, status) and publishes it.
+fn request(ram: &std::fs::File, k: u16, write: bool, sector: u64, data: u64) {
+    let base = 0x8000 + 0x1000 * k as u64;
+    let mut hdr = [0u8; 16];
+    hdr[0..4].copy_from_slice(&(write as u32).to_le_bytes());
+    hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+    ram.write_all_at(&hdr, base).unwrap();
+    ram.write_all_at(&[0xff], base + 0x100).unwrap();
+    let h = 3 * k as u64;
+    desc(ram, h, base, 16, 1, (h + 1) as u16);
+    desc(
+        ram,
+        h + 1,
+        data,
+        512,
+        1 | if write { 0 } else { 2 },
+        (h + 2) as u16,
+    );
+    desc(ram, h + 2, base + 0x100, 1, 2, 0);
+    ram.write_all_at(&(h as u16).to_le_bytes(), AVAIL + 4 + 2 * k as u64)
+        .unwrap();
+    ram.write_all_at(&(k + 1).to_le_bytes(), AVAIL + 2).unwrap();
+}
+
+fn used_idx(ram: &std::fs::File) -> u16 {
+    let mut b = [0u8; 2];
+    ram.read_exact_at(&mut b, USED + 2).unwrap();
+    u16::from_le_bytes(b)
+}
+
+struct Agent {
+    s: UnixStream,
+    framer: Framer,
+    seq: u32,
+    got: Vec<(u32, Msg)>,
+}
+
+impl Agent {
+    fn send(&mut self, m: Msg) -> u32 {
+        self.seq += 1;
+        let mut out = Vec::new();
+        relay::encode(&m, self.seq, &mut out).unwrap();
+        self.s.write_all(&out).unwrap();
+        self.seq
+    }
+    /// Waits for a message `want` accepts.
+    fn wait(&mut self, want: impl Fn(u32, &Msg) -> bool) -> Msg {
+        let t = Instant::now();
+        loop {
+            if let Some(i) = self.got.iter().position(|(s, m)| want(*s, m)) {
+                return self.got.remove(i).1;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "no such message; got {:?}",
+                self.got
+            );
+            let mut buf = [0u8; 4096];
+            match self.s.read(&mut buf) {
+                Ok(0) => panic!("the SoC side closed the session"),
+                Ok(n) => self.got.extend(self.framer.push(&buf[..n]).unwrap()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    fn call(&mut self, m: Msg) -> (u32, u64) {
+        let seq = self.send(m);
+        match self.wait(|s, m| s == seq && matches!(m, Msg::Reply { .. })) {
+            Msg::Reply { status, value } => (status, value),
+            _ => unreachable!(),
+        }
+    }
+}
+
+#[test]
+fn requests_are_served_through_the_window_and_only_control_crosses() {
+    let ram = memfd(RAM);
+    let stats = Arc::new(VhostStats::default());
+    let io_stats = Arc::new(DeviceIoStats::new(1));
+    let disk: Arc<dyn Backend> = Arc::new(RamBackend::new(1 << 20, 512).unwrap());
+    let ctx = DeviceContext {
+        ns: Namespace::new(disk),
+        pollers: Arc::new(spawn_pollers(1, "soc-poller")),
+        config: DeviceConfig::default(),
+        stats: stats.clone(),
+        io_stats: io_stats.clone(),
+        writeback: true,
+    };
+    let dev = SocDevice::new(
+        ctx,
+        vec![Window {
+            host: 0,
+            len: RAM,
+            soc: SOC,
+        }],
+        vec![WindowFile {
+            file: ram.try_clone().unwrap(),
+            soc: SOC,
+            len: RAM,
+        }],
+    )
+    .unwrap();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    ours.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let soc = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut dev, mut s) = (dev, theirs);
+            serve(&mut s, &mut dev, &stop)
+        })
+    };
+    let mut a = Agent {
+        s: ours,
+        framer: Framer::default(),
+        seq: 0,
+        got: Vec::new(),
+    };
+    assert!(matches!(
+        a.wait(|_, m| matches!(m, Msg::Hello { .. })),
+        Msg::Hello {
+            role: Role::Soc,
+            ..
+        }
+    ));
+    let Msg::DeviceInfo {
+        num_queues, config, ..
+    } = a.wait(|_, m| matches!(m, Msg::DeviceInfo { .. }))
+    else {
+        unreachable!()
+    };
+    assert_eq!(num_queues, 1);
+    assert_eq!(
+        u64::from_le_bytes(config[0..8].try_into().unwrap()),
+        (1 << 20) / 512,
+        "capacity"
+    );
+    a.send(Msg::Hello {
+        role: Role::Agent,
+        features: 0,
+        name: "test-agent".into(),
+    });
+    // Guest memory: guest address 0 is offset 0 of the tenant's RAM file, behind the window.
+    assert_eq!(
+        a.call(Msg::MemTable(vec![MemRegion {
+            guest: 0,
+            len: RAM,
+            host: 0
+        }]))
+        .0,
+        0
+    );
+    let ring = Vring {
+        queue: 0,
+        size: 16,
+        event_idx: false,
+        desc: DESC,
+        avail: AVAIL,
+        used: USED,
+        base: 0,
+    };
+    assert_eq!(a.call(Msg::Vring(ring)).0, 0);
+    assert_eq!(a.call(Msg::VringStart(0)).0, 0);
+    // A write of 512 bytes at sector 8, then a read of it into another buffer.
+    let data: Vec<u8> = (0..512u32).map(|i| (i * 7) as u8).collect();
+    ram.write_all_at(&data, 0x20000).unwrap();
+    request(&ram, 0, true, 8, 0x20000);
+    a.send(Msg::Kick(0));
+    a.wait(|_, m| *m == Msg::Call(0));
+    assert_eq!(used_idx(&ram), 1);
+    request(&ram, 1, false, 8, 0x30000);
+    a.send(Msg::Kick(0));
+    let t = Instant::now();
+    while used_idx(&ram) < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the read never completed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut back = vec![0u8; 512];
+    ram.read_exact_at(&mut back, 0x30000).unwrap();
+    assert_eq!(back, data, "read back through the window");
+    for k in 0..2u64 {
+        let mut st = [0xffu8];
+        ram.read_exact_at(&mut st, 0x8000 + 0x1000 * k + 0x100)
+            .unwrap();
+        assert_eq!(st[0], 0, "request {k} status");
+    }
+    let io = io_stats.snapshot();
+    let get = |k: &str| io.iter().find(|(n, _)| *n == k).map(|(_, v)| *v).unwrap();
+    assert_eq!((get("writes"), get("reads")), (1, 1));
+    // Bad requests are refused with an errno and counted; the session goes on.
+    let before = stats.get(Malformed::Message);
+    assert_ne!(a.call(Msg::VringStart(5)).0, 0, "no queue 5");
+    let outside = Vring {
+        desc: RAM - 64,
+        ..ring
+    };
+    assert_eq!(
+        a.call(Msg::VringStop(0)),
+        (0, 2),
+        "stopped after two requests"
+    );
+    assert_eq!(a.call(Msg::Vring(outside)).0, 0);
+    assert_ne!(
+        a.call(Msg::VringStart(0)).0,
+        0,
+        "rings outside guest memory"
+    );
+    assert_ne!(
+        a.call(Msg::MemTable(vec![MemRegion {
+            guest: 0,
+            len: 2 * RAM,
+            host: 0
+        }]))
+        .0,
+        0,
+        "guest memory beyond the window"
+    );
+    assert_eq!(stats.get(Malformed::Message) - before, 3);
+    assert_eq!(a.call(Msg::KeepAlive).0, 0);
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    soc.join().unwrap().unwrap();
+}
