@@ -631,6 +631,14 @@ impl Driver {
         &self.mem
     }
 
+    /// The file behind guest memory (the memfd the backend maps): what a window onto this
+    /// "tenant's RAM" maps, for tests of leapd on a SoC.
+    pub fn memory_file(&self) -> Option<File> {
+        use vm_memory::GuestMemoryBackend;
+        let r = self.mem.iter().next()?;
+        r.file_offset()?.file().try_clone().ok()
+    }
+
     /// Where guest memory is in this process (the addresses vring messages carry).
     pub fn memory_va_range(&self) -> std::ops::Range<u64> {
         let start = self.setup.region.userspace_addr;

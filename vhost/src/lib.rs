@@ -9,6 +9,7 @@
 //! With the `driver` feature, [`driver`] is the guest side: an in-process vhost-user frontend that
 //! tests and benchmarks use to drive a device without a VM.
 
+pub mod agent;
 pub mod chain;
 pub mod config;
 pub mod device;
