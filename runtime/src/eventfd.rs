@@ -3,7 +3,7 @@
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 /// A new non-blocking, close-on-exec eventfd.
-pub(crate) fn new() -> std::io::Result<OwnedFd> {
+pub fn new() -> std::io::Result<OwnedFd> {
     // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
     let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
     if fd < 0 {
@@ -14,7 +14,7 @@ pub(crate) fn new() -> std::io::Result<OwnedFd> {
 }
 
 /// Adds one to the counter, waking whoever polls it.
-pub(crate) fn signal(fd: RawFd) {
+pub fn signal(fd: RawFd) {
     let one = 1u64;
     // SAFETY: writes 8 bytes from a local to an eventfd.
     unsafe {
@@ -23,7 +23,7 @@ pub(crate) fn signal(fd: RawFd) {
 }
 
 /// Resets the counter (non-blocking: a no-op when it is zero).
-pub(crate) fn drain(fd: RawFd) {
+pub fn drain(fd: RawFd) {
     let mut v = 0u64;
     // SAFETY: reads 8 bytes into a local from a non-blocking eventfd.
     unsafe {

@@ -8,7 +8,7 @@
 pub mod addr;
 pub mod backend;
 pub mod controller;
-mod eventfd;
+pub mod eventfd;
 pub mod exec;
 pub mod mem;
 mod notify;

@@ -9,7 +9,7 @@
 //! could not reach that memory.
 
 use crate::relay::{self, Framer, MemRegion, Msg, Role, Vring};
-use crate::stats::{Malformed, VhostStats};
+use crate::stats::VhostStats;
 use leap_runtime::log_limited;
 use std::collections::HashMap;
 use std::fs::File;
@@ -20,13 +20,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
-    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
-    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
+    VhostUserConfigFlags, VhostUserInflight, VhostUserMemoryRegion, VhostUserProtocolFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState,
 };
-use vhost::vhost_user::{
-    Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut,
-};
+use vhost::vhost_user::{Error as VuError, Result as VuResult, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 
 /// What the SoC said about its device.
@@ -227,9 +224,7 @@ impl AgentDevice {
     }
 
     fn refuse(&self, why: String) -> VuError {
-        self.stats.count(Malformed::Message);
-        log_limited!(log::Level::Warn, "agent: request refused: {why}");
-        VuError::ReqHandlerError(std::io::Error::new(std::io::ErrorKind::InvalidInput, why))
+        crate::device::refused(&self.stats, why)
     }
 
     fn ring(&self, index: u32) -> VuResult<usize> {
@@ -245,7 +240,7 @@ impl AgentDevice {
         let end = va.checked_add(len)?;
         self.table
             .iter()
-            .find(|&&(s, l, _)| va >= s && end <= s + l)
+            .find(|&&(s, l, _)| va >= s && s.checked_add(l).is_some_and(|e| end <= e))
             .map(|&(s, _, g)| g + (va - s))
     }
 
@@ -346,10 +341,6 @@ impl AgentDevice {
     }
 }
 
-fn unsupported<T>(d: &AgentDevice, what: &str) -> VuResult<T> {
-    Err(d.refuse(format!("{what} is not supported by the agent")))
-}
-
 impl VhostUserBackendReqHandlerMut for AgentDevice {
     fn set_owner(&mut self) -> VuResult<()> {
         Ok(())
@@ -435,7 +426,9 @@ impl VhostUserBackendReqHandlerMut for AgentDevice {
     }
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
         let q = self.ring(index)?;
-        self.rings[q].base = base as u16;
+        self.rings[q].base = u16::try_from(base).map_err(|_| {
+            self.refuse(format!("queue {q}: base {base} is not a split-ring index"))
+        })?;
         Ok(())
     }
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
@@ -502,47 +495,16 @@ impl VhostUserBackendReqHandlerMut for AgentDevice {
             .map(|_| ())
             .map_err(|e| self.refuse(e))
     }
-    fn set_gpu_socket(&mut self, _g: GpuBackend) -> VuResult<()> {
-        unsupported(self, "GPU_SET_SOCKET")
-    }
-    fn get_shared_object(&mut self, _u: VhostUserSharedMsg) -> VuResult<File> {
-        unsupported(self, "GET_SHARED_OBJECT")
-    }
     fn get_inflight_fd(&mut self, _i: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
-        unsupported(self, "GET_INFLIGHT_FD")
+        Err(self.refuse(
+            "GET_INFLIGHT_FD: inflight regions through a window are not supported yet".into(),
+        ))
     }
     fn set_inflight_fd(&mut self, _i: &VhostUserInflight, _f: File) -> VuResult<()> {
-        unsupported(self, "SET_INFLIGHT_FD")
+        Err(self.refuse(
+            "SET_INFLIGHT_FD: inflight regions through a window are not supported yet".into(),
+        ))
     }
-    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
-        unsupported(self, "GET_MAX_MEM_SLOTS")
-    }
-    fn add_mem_region(
-        &mut self,
-        _r: &VhostUserSingleMemoryRegion,
-        _fd: File,
-        _p: Option<bool>,
-    ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
-        unsupported(self, "ADD_MEM_REG")
-    }
-    fn remove_mem_region(&mut self, _r: &VhostUserSingleMemoryRegion) -> VuResult<()> {
-        unsupported(self, "REM_MEM_REG")
-    }
-    fn set_device_state_fd(
-        &mut self,
-        _d: VhostTransferStateDirection,
-        _p: VhostTransferStatePhase,
-        _fd: File,
-    ) -> VuResult<Option<File>> {
-        unsupported(self, "SET_DEVICE_STATE_FD")
-    }
-    fn check_device_state(&mut self) -> VuResult<()> {
-        unsupported(self, "CHECK_DEVICE_STATE")
-    }
-    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
-        unsupported(self, "GET_SHMEM_CONFIG")
-    }
-    fn set_log_base(&mut self, _l: &VhostUserLog, _f: File) -> VuResult<()> {
-        unsupported(self, "SET_LOG_BASE")
-    }
+
+    refuse_unsupported_requests!();
 }

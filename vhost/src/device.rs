@@ -19,14 +19,10 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
-    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
-    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
-    VhostUserVringAddrFlags, VhostUserVringState,
+    VhostUserConfigFlags, VhostUserInflight, VhostUserMemoryRegion, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures, VhostUserVringAddrFlags, VhostUserVringState,
 };
-use vhost::vhost_user::{
-    Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut,
-};
+use vhost::vhost_user::{Error as VuError, Result as VuResult, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 
 /// Device parameters that are not properties of the disk.
@@ -207,7 +203,7 @@ pub struct BlkDevice {
     hangup: bool,
 }
 
-fn refused(stats: &VhostStats, why: String) -> VuError {
+pub(crate) fn refused(stats: &VhostStats, why: String) -> VuError {
     stats.count(Malformed::Message);
     log_limited!(log::Level::Warn, "vhost-user request refused: {why}");
     VuError::ReqHandlerError(std::io::Error::new(std::io::ErrorKind::InvalidInput, why))
@@ -561,10 +557,6 @@ struct RingAddrsVa {
     used: u64,
 }
 
-fn unsupported<T>(this: &BlkDevice, what: &str) -> VuResult<T> {
-    Err(this.refuse(format!("{what} is not supported")))
-}
-
 impl VhostUserBackendReqHandlerMut for BlkDevice {
     fn set_owner(&mut self) -> VuResult<()> {
         Ok(())
@@ -780,14 +772,6 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         Ok(())
     }
 
-    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {
-        unsupported(self, "GPU_SET_SOCKET")
-    }
-
-    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
-        unsupported(self, "GET_SHARED_OBJECT")
-    }
-
     fn get_inflight_fd(&mut self, msg: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
         match inflight::Region::create(msg.num_queues, msg.queue_size, self.rings.len() as u16) {
             Ok((region, file, size)) => {
@@ -819,41 +803,5 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         Ok(())
     }
 
-    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
-        unsupported(self, "GET_MAX_MEM_SLOTS")
-    }
-
-    fn add_mem_region(
-        &mut self,
-        _region: &VhostUserSingleMemoryRegion,
-        _fd: File,
-        _postcopy: Option<bool>,
-    ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
-        unsupported(self, "ADD_MEM_REG")
-    }
-
-    fn remove_mem_region(&mut self, _region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
-        unsupported(self, "REM_MEM_REG")
-    }
-
-    fn set_device_state_fd(
-        &mut self,
-        _direction: VhostTransferStateDirection,
-        _phase: VhostTransferStatePhase,
-        _fd: File,
-    ) -> VuResult<Option<File>> {
-        unsupported(self, "SET_DEVICE_STATE_FD")
-    }
-
-    fn check_device_state(&mut self) -> VuResult<()> {
-        unsupported(self, "CHECK_DEVICE_STATE")
-    }
-
-    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
-        unsupported(self, "GET_SHMEM_CONFIG")
-    }
-
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
-        unsupported(self, "SET_LOG_BASE")
-    }
+    refuse_unsupported_requests!();
 }

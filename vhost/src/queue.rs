@@ -166,16 +166,14 @@ impl BlkQueue {
 
     /// Publishes one used element, with the inflight bookkeeping around it.
     fn put_used(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32) {
-        if let Some(t) = self.tracker.as_mut() {
-            t.before_used(head);
-        }
-        if let Err(e) = self.queue.add_used(mem, head, len) {
-            log_limited!(log::Level::Warn, "queue {}: add_used: {e}", self.index);
-            return;
-        }
-        if let Some(t) = self.tracker.as_mut() {
-            t.after_used(head, self.queue.next_used());
-        }
+        put_used(
+            &mut self.queue,
+            &mut self.tracker,
+            self.index,
+            mem,
+            head,
+            len,
+        );
     }
 
     /// Walks and checks the chain at `head` and turns it into a command on `sq` (or finishes it
@@ -243,6 +241,28 @@ impl BlkQueue {
             }
         }
         true
+    }
+}
+
+/// Publishes one used element of `queue`, with the inflight bookkeeping around it. A free
+/// function so callers can lend the queue and guest memory from one struct without an Arc clone.
+fn put_used(
+    queue: &mut Queue,
+    tracker: &mut Option<QueueTracker>,
+    index: u16,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    len: u32,
+) {
+    if let Some(t) = tracker.as_mut() {
+        t.before_used(head);
+    }
+    if let Err(e) = queue.add_used(mem, head, len) {
+        log_limited!(log::Level::Warn, "queue {index}: add_used: {e}");
+        return;
+    }
+    if let Some(t) = tracker.as_mut() {
+        t.after_used(head, queue.next_used());
     }
 }
 
@@ -315,7 +335,7 @@ impl Port for BlkQueue {
             return 0;
         }
         let mut n = 0;
-        let mem = self.memory.mem.clone();
+        let mem = &*self.memory.mem;
         let mut next = first;
         while let Some(cqe) = next.take().or_else(|| sq.reap()) {
             let Some(p) = self.pending.get(cqe.cid() as usize).copied() else {
@@ -334,14 +354,21 @@ impl Port for BlkQueue {
             } else {
                 0
             };
-            self.put_used(&mem, p.head, used);
+            put_used(
+                &mut self.queue,
+                &mut self.tracker,
+                self.index,
+                mem,
+                p.head,
+                used,
+            );
             n += 1;
         }
         sq.release_completions();
         if n > 0 || self.unsignalled {
             self.unsignalled = false;
             // EVENT_IDX (or its absence) says whether the guest wants to hear about these.
-            if self.queue.needs_notification(&*mem).unwrap_or(true) {
+            if self.queue.needs_notification(mem).unwrap_or(true) {
                 if let Err(e) = self.call.signal() {
                     log_limited!(log::Level::Warn, "queue {}: signal: {e}", self.index);
                 }
@@ -366,8 +393,9 @@ impl Port for BlkQueue {
         let _ = (&self.kick).read(&mut buf);
         // enable_notification publishes avail_event (or clears NO_NOTIFY), fences, and re-reads
         // avail idx: true means the guest added work we must not sleep through.
-        let mem = self.memory.mem.clone();
-        self.queue.enable_notification(&*mem).unwrap_or(false)
+        self.queue
+            .enable_notification(&*self.memory.mem)
+            .unwrap_or(false)
     }
 
     fn disarm(&mut self) {
@@ -375,8 +403,7 @@ impl Port for BlkQueue {
             return;
         }
         self.armed = false;
-        let mem = self.memory.mem.clone();
-        let _ = self.queue.disable_notification(&*mem);
+        let _ = self.queue.disable_notification(&*self.memory.mem);
     }
 
     fn address_space(&self) -> &Arc<AddressSpace> {

@@ -20,7 +20,7 @@ use leap_runtime::window::{GuestRange, Window};
 use leap_runtime::{log_limited, Namespaces, PairId};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,13 +38,7 @@ struct SocRing {
 }
 
 fn eventfd() -> std::io::Result<File> {
-    // SAFETY: eventfd has no memory-safety preconditions; the descriptor is owned right away.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nobody else owns.
-    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    leap_runtime::eventfd::new().map(File::from)
 }
 
 /// The device of one agent session.

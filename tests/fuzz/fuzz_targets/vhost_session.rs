@@ -14,7 +14,7 @@ use leap_vhost::{BlkDevice, DeviceConfig, DeviceContext, VhostStats};
 use libfuzzer_sys::fuzz_target;
 use std::fs::File;
 use std::io::{IoSlice, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -58,11 +58,7 @@ fn memfd(len: u64) -> File {
 }
 
 fn eventfd() -> File {
-    // SAFETY: eventfd has no memory-safety preconditions; the descriptor is owned below.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: a fresh descriptor nobody else owns.
-    File::from(unsafe { OwnedFd::from_raw_fd(fd) })
+    File::from(leap_runtime::eventfd::new().unwrap())
 }
 
 struct Input<'a>(&'a [u8]);
