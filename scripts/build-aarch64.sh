@@ -4,6 +4,7 @@
 # target/aarch64. With --test, also runs the tests under qemu-aarch64-static.
 #
 #   scripts/build-aarch64.sh [--test] [extra cargo args...]
+#   scripts/build-aarch64.sh --leapd     (only leapd, release: for the ARM SoC VM)
 #
 # Needs (scripts/install-deps.sh installs them): rustc-web, libstd-rust-web-dev:arm64,
 # gcc-aarch64-linux-gnu, libc6-dev-arm64-cross, qemu-user-static (for --test).
@@ -11,8 +12,9 @@ set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-run_tests=0
+run_tests=0 leapd_only=0
 if [ "${1:-}" = --test ]; then run_tests=1; shift; fi
+if [ "${1:-}" = --leapd ]; then leapd_only=1; shift; fi
 
 die() { echo "build-aarch64: ERROR: $*" >&2; exit 1; }
 [ -x /usr/bin/rustc ] || die "/usr/bin/rustc missing (apt-get install rustc-web; scripts/install-deps.sh)"
@@ -29,6 +31,11 @@ export RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc \
   CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER=qemu-aarch64-static \
   CARGO_TARGET_DIR=target/aarch64 LEAP_TEST_RUNNER=qemu-aarch64-static
 echo "build-aarch64: $(/usr/bin/rustc --version), target dir target/aarch64"
+if [ "$leapd_only" = 1 ]; then
+  cargo build --release -p leap-soc --bin leapd --target aarch64-unknown-linux-gnu "$@"
+  echo "build-aarch64: OK (target/aarch64/aarch64-unknown-linux-gnu/release/leapd)"
+  exit 0
+fi
 cargo build --workspace --all-targets --target aarch64-unknown-linux-gnu "$@"
 if [ "$run_tests" = 1 ]; then
   cargo test --workspace --target aarch64-unknown-linux-gnu "$@"

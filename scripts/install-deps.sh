@@ -2,7 +2,9 @@
 # Installs the system packages Leap's tests need (QEMU and qemu-storage-daemon from
 # bookworm-backports, a guest kernel, busybox, fio, nvme-cli, the aarch64 cross toolchain). Idempotent and
 # quick when everything is there; needs root (skips otherwise). Prints what it does.
-# LEAP_INSTALL_ARM64=0 skips the aarch64 cross toolchain.
+# LEAP_INSTALL_ARM64=0 skips the aarch64 cross toolchain; LEAP_INSTALL_SOC=1 adds what the
+# emulated SoC machines need (scripts/soc-demo.sh): qemu-system-aarch64 (the arm64 16 KiB-page
+# kernel and busybox are fetched with `apt-get download` when the SoC initramfs is built).
 set -euo pipefail
 
 if [ "$(id -u)" != 0 ]; then
@@ -31,6 +33,9 @@ if [ "$want_arm64" = 1 ] && ! dpkg --print-foreign-architectures | grep -qx arm6
 fi
 
 for p in qemu-system-x86 qemu-utils linux-image-amd64 busybox-static fio cpio kmod util-linux gzip nvme-cli; do need "$p"; done
+if [ "${LEAP_INSTALL_SOC:-0}" = 1 ]; then
+  for p in qemu-system-arm binutils; do need "$p"; done
+fi
 if [ "$want_arm64" = 1 ]; then
   for p in rustc-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static; do need "$p"; done
 fi
@@ -51,6 +56,7 @@ for p in "${missing[@]}"; do
                            qemu-system-data/bookworm-backports seabios/bookworm-backports
                            qemu-utils/bookworm-backports qemu-block-extra/bookworm-backports) ;;
     qemu-utils) pkgs+=(qemu-utils/bookworm-backports) ;;   # qemu-storage-daemon (peer anchor)
+    qemu-system-arm) pkgs+=(qemu-system-arm/bookworm-backports) ;;   # same version as qemu-system-x86
     qemu-user-static) pkgs+=(qemu-user-static/bookworm-backports) ;;
     *) pkgs+=("$p") ;;
   esac

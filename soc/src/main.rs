@@ -1,5 +1,6 @@
 //! leapd: the Leap daemon.
 
+mod agent;
 mod bench;
 mod diskspec;
 mod platform;
@@ -33,11 +34,27 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Export disks over NVMe/TCP as the namespaces of one subsystem (with a discovery service).
     Target(target::TargetArgs),
+    /// The host agent of the SoC modes: terminates vhost-user for the hypervisor and relays only
+    /// control to `leapd serve --mode socvm|arm-soc` (no request data passes through it).
+    Agent(agent::AgentArgs),
 }
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Unix socket to listen on.
+    /// Where leapd runs: host (a process serving vhost-user), socvm (an x86 VM behind a host
+    /// agent), arm-soc (a SmartNIC's ARM cores behind a host agent), or auto (a SoC mode if a
+    /// window onto host memory is found, else host; the choice is logged).
+    #[arg(long, value_enum, default_value = "auto")]
+    mode: platform::Mode,
+    /// SoC modes: address host agents connect to.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:7300")]
+    listen: String,
+    /// SoC modes: a file standing in for a window onto host memory instead of the ivshmem BARs
+    /// (the tenant's RAM file; the agent's inflight file, recognized by its header); repeatable.
+    /// For tests and for a SoC-mode leapd on the host itself.
+    #[arg(long, value_name = "FILE")]
+    window: Vec<PathBuf>,
+    /// Unix socket to listen on (host mode).
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// The disk.
@@ -89,7 +106,7 @@ pub(crate) fn parse_block_size(s: &str) -> Result<u32, String> {
     }
 }
 
-fn parse_mode(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_mode(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .ok()
         .filter(|m| *m <= 0o777)
@@ -104,9 +121,18 @@ fn default_queues() -> u16 {
 }
 
 fn serve(a: ServeArgs) -> Result<(), String> {
+    let platform = platform::select(a.mode, &a.window)?;
+    let soc = !platform.windows().is_empty();
+    if soc && a.socket.is_some() {
+        return Err(format!(
+            "--socket is for host mode: in {} mode the host agent owns the vhost-user socket",
+            platform.name()
+        ));
+    }
     let embedded = a.socket.is_none() && a.disk.is_none();
     let (socket, disk) = match (a.socket, a.disk) {
         (Some(s), Some(d)) => (s, d),
+        (None, Some(d)) if soc => (PathBuf::new(), d),
         (None, None) => {
             let dir = PathBuf::from("leapd-data");
             std::fs::create_dir_all(&dir)
@@ -143,8 +169,8 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         idle_spin: Duration::from_micros(a.poll.idle_spin_us),
         pin: a.poll.pin,
         cores: a.poll.cores.map(|c| c.0),
+        listen: a.listen,
     };
-    let platform = platform::detect();
     serve::run(&*platform, &opts, |o| print_attach(o, embedded))
 }
 
@@ -174,6 +200,7 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => serve(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Target(a) => target::run(&*platform::detect(), a),
+        Cmd::Agent(a) => agent::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

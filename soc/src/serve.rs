@@ -1,14 +1,22 @@
-//! `leapd serve`: one vhost-user-blk disk on a unix socket until SIGINT or SIGTERM.
+//! `leapd serve`: one vhost-user-blk disk until SIGINT or SIGTERM — on a unix socket in host
+//! mode, or, in the SoC modes, to host agents over TCP with guest memory reached through the
+//! platform's windows and request data bounced through local memory.
 
 use crate::diskspec::{DiskKind, DiskSpec};
 use crate::platform::Platform;
-use leap_runtime::backend::{Backend, FileBackend, FileOptions, NullBackend, RamBackend};
+use leap_runtime::backend::{
+    Backend, BounceBackend, FileBackend, FileOptions, NullBackend, RamBackend,
+};
 use leap_runtime::nvmf::initiator::{InitiatorConfig, NvmeTcpBackend};
 use leap_runtime::{DeviceIoStats, Namespace, Poller, PollerConfig};
 use leap_vhost::{DeviceConfig, DeviceContext, Server, VhostStats};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Largest request through a window's bounce buffers (the virtio config says so to the guest).
+const BOUNCE_MAX_TRANSFER: u32 = 128 << 10;
 
 /// Everything `serve` needs, after defaults are applied.
 #[derive(Clone, Debug)]
@@ -33,6 +41,8 @@ pub struct ServeOptions {
     pub pin: bool,
     /// One pinned poller per listed core.
     pub cores: Option<Vec<usize>>,
+    /// SoC modes: where host agents connect.
+    pub listen: String,
 }
 
 /// Opens the back end a disk spec names.
@@ -238,14 +248,26 @@ fn format_cores(c: &[usize]) -> String {
     out.join(",")
 }
 
-/// Serves until a signal arrives. Prints `how_to_attach` once listening.
+/// Serves until a signal arrives. Prints `how_to_attach` once listening (host mode).
 pub fn run(
     platform: &dyn Platform,
     o: &ServeOptions,
     how_to_attach: impl FnOnce(&ServeOptions),
 ) -> Result<(), String> {
     let signals = crate::signals::block_termination()?;
-    let backend = open_backend(&o.disk, o.block_size)?;
+    let inner = open_backend(&o.disk, o.block_size)?;
+    // Through a window, the back end never sees window addresses: data is bounced.
+    let bounce = if platform.windows().is_empty() {
+        None
+    } else {
+        Some(Arc::new(
+            BounceBackend::new(inner.clone(), BOUNCE_MAX_TRANSFER).map_err(|e| e.to_string())?,
+        ))
+    };
+    let backend: Arc<dyn Backend> = match &bounce {
+        Some(b) => b.clone(),
+        None => inner.clone(),
+    };
     let ns = Namespace::with_limits(backend.clone(), &o.disk.limits);
     let cpus = platform.poller_cpus().len().max(1);
     let placement = Placement::from_args(
@@ -268,36 +290,136 @@ pub fn run(
         io_stats: Arc::new(DeviceIoStats::new(o.queues as usize)),
         writeback: true,
     };
-    let mut server =
-        Server::bind(&o.socket, o.socket_mode, ctx.clone()).map_err(|e| e.to_string())?;
-    let stop = server.stop_handle();
-    let sig_thread = crate::signals::on_termination(signals, move |sig| {
-        log::info!("{sig}: finishing in-flight I/O and stopping");
-        stop.stop();
-    })?;
     let info = backend.info();
-    log::info!(
-        "serving {} ({} bytes, {}-byte blocks{}) on {} with {} queue(s), {} poller(s), platform {} ({} KiB pages)",
+    let serving = format!(
+        "{} ({} bytes, {}-byte blocks{}) with {} queue(s), {} poller(s), platform {} ({} KiB pages)",
         backend.kind(),
         info.size,
         info.block_size,
         if info.read_only { ", read-only" } else { "" },
-        o.socket.display(),
         o.queues,
         npollers,
         platform.name(),
         platform.page_size() >> 10
     );
-    how_to_attach(o);
-    let r = server.run().map_err(|e| e.to_string());
-    drop(server); // removes the socket
-    drop(sig_thread);
+    let r = match &bounce {
+        None => {
+            let mut server =
+                Server::bind(&o.socket, o.socket_mode, ctx.clone()).map_err(|e| e.to_string())?;
+            let stop = server.stop_handle();
+            let sig_thread = crate::signals::on_termination(signals, move |sig| {
+                log::info!("{sig}: finishing in-flight I/O and stopping");
+                stop.stop();
+            })?;
+            log::info!("serving {serving} on {}", o.socket.display());
+            how_to_attach(o);
+            let r = server.run().map_err(|e| e.to_string());
+            drop(server); // removes the socket
+            drop(sig_thread);
+            r
+        }
+        Some(b) => {
+            let stop = Arc::new(AtomicBool::new(false));
+            let s = stop.clone();
+            let sig_thread = crate::signals::on_termination(signals, move |sig| {
+                log::info!("{sig}: finishing in-flight I/O and stopping");
+                s.store(true, Ordering::Release);
+            })?;
+            log::info!("serving {serving} to host agents on {}", o.listen);
+            let r = serve_agents(platform, &o.listen, &ctx, b, &stop);
+            drop(sig_thread);
+            r
+        }
+    };
     // Pollers drain in-flight work when dropped; then make the data durable.
     drop(ctx);
     drop(pollers);
     leap_runtime::backend::sync(&*backend).map_err(|e| format!("final {e}"))?;
     log::info!("stopped cleanly");
     r
+}
+
+/// The SoC modes: one host agent session at a time on `listen` (TCP), each served through the
+/// platform's windows, until `stop`. An agent that goes away (or restarts) ends its session: its
+/// rings stop, in-flight requests complete, and the next agent is served from scratch.
+fn serve_agents(
+    platform: &dyn Platform,
+    listen: &str,
+    ctx: &DeviceContext,
+    bounce: &BounceBackend,
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    use leap_vhost::region::WindowFile;
+    use leap_vhost::soc::{serve, SocDevice};
+    let mut windows = Vec::new();
+    let mut files = Vec::new();
+    for src in platform.windows() {
+        let (w, f) = src.open()?;
+        log::info!(
+            "window {}: host {:#x}+{:#x} at SoC address {:#x}",
+            src.what,
+            w.host,
+            w.len,
+            w.soc
+        );
+        windows.push(w);
+        files.push(f);
+    }
+    let listener = std::net::TcpListener::bind(listen)
+        .map_err(|e| format!("cannot listen for host agents on {listen}: {e}"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("{listen}: {e}"))?;
+    while !stop.load(Ordering::Acquire) {
+        let (mut stream, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            Err(e) => {
+                log::warn!("{listen}: accept: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_nodelay(true);
+        let session_files = files
+            .iter()
+            .map(|f| {
+                Ok(WindowFile {
+                    file: f.file.try_clone()?,
+                    soc: f.soc,
+                    len: f.len,
+                })
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| format!("window: {e}"))?;
+        let mut dev = SocDevice::new(ctx.clone(), windows.clone(), session_files)
+            .map_err(|e| format!("device: {e}"))?;
+        log::info!("host agent {peer} connected");
+        let before = bounce.window_bytes();
+        let r = serve(&mut stream, &mut dev, stop);
+        let now = bounce.window_bytes();
+        let end = match r {
+            Ok(()) => "ended".to_string(),
+            Err(e) => format!("ended: {e}"),
+        };
+        log::info!(
+            "host agent {peer}: session {end}; request data through the window: {} bytes \
+             (from it {}, to it {}); window_bytes_total={}",
+            (now.from_window - before.from_window) + (now.to_window - before.to_window),
+            now.from_window - before.from_window,
+            now.to_window - before.to_window,
+            now.from_window + now.to_window
+        );
+        log::info!(
+            "totals: {}",
+            leap_vhost::server::counters(Some(&ctx.io_stats), &ctx.stats)
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -24,6 +24,8 @@
 #     --timeout S                hard limit for QEMU (default 240 verify / 300 bench)
 #     --log FILE                 serial console log (default target/guest/logs/<job>-<time>-<pid>.log)
 #     --mem SIZE                 guest RAM (default 768M)
+#     --mem-file FILE            guest RAM is FILE (memory-backend-file, shared), which another
+#                                party can map (the SoC VM's window onto the tenant's memory)
 #     --smp N                    guest CPUs (default 2)
 # Exit status: 0 only if the guest printed "LEAP-GUEST: PASS", no check failed and QEMU exited
 # cleanly; on failure the tail of the guest log (and QEMU's stderr) is printed.
@@ -41,7 +43,7 @@ usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
 
 sock="" job="" queues=1 expect_size="" expect_queues="" expect_discard=0
 expect_wc="write back" expect_bs="" force_wb=0 verify_mb=64 bench_rt=5 bench_jobs="" timeout_s="" log=""
-mem=768M smp=2 net=0 hostfwd="" envs=() reconnect=""
+mem=768M mem_file="" smp=2 net=0 hostfwd="" envs=() reconnect=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --socket) sock=$2; shift 2 ;;
@@ -59,6 +61,7 @@ while [ $# -gt 0 ]; do
     --timeout) timeout_s=$2; shift 2 ;;
     --log) log=$2; shift 2 ;;
     --mem) mem=$2; shift 2 ;;
+    --mem-file) mem_file=$2; shift 2 ;;
     --smp) smp=$2; shift 2 ;;
     --net) net=1; shift ;;
     --reconnect) reconnect=",reconnect-ms=1000"; shift ;;
@@ -148,12 +151,17 @@ else
   dev_args+=(-nic none)
 fi
 
+if [ -n "$mem_file" ]; then
+  mem_backend="memory-backend-file,id=mem,size=$mem,mem-path=$mem_file,share=on"
+else
+  mem_backend="memory-backend-memfd,id=mem,size=$mem,share=on"
+fi
 start=$(date +%s.%N)
 launch() {
   timeout -k 10 "$timeout_s" "$qemu" \
     -accel "${LEAP_GUEST_ACCEL:-tcg}" -cpu "${LEAP_GUEST_CPU:-max}" \
     -machine q35,memory-backend=mem \
-    -object "memory-backend-memfd,id=mem,size=$mem,share=on" -m "$mem" -smp "$smp" \
+    -object "$mem_backend" -m "$mem" -smp "$smp" \
     -nographic -monitor none -no-reboot \
     -kernel "$kernel" -initrd "$run/initrd.cpio.gz" \
     -append "$append" \

@@ -373,7 +373,7 @@ fn tenant_agent_and_soc_run_verified_io() {
     };
     let link = Link::connect(agent_end, "test-agent").unwrap();
     let dev = Arc::new(Mutex::new(
-        AgentDevice::new(link, &window_file, stats.clone()).unwrap(),
+        AgentDevice::new(link, &window_file, None, stats.clone()).unwrap(),
     ));
     let mut handler = BackendReqHandler::from_stream(stream, dev.clone());
     loop {

@@ -8,15 +8,17 @@
 //! A region whose file is not the window's (compared by device and inode) is refused: the SoC
 //! could not reach that memory.
 
+use crate::inflight;
 use crate::relay::{self, Framer, MemRegion, Msg, Role, Vring};
 use crate::stats::VhostStats;
 use leap_runtime::log_limited;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
+use std::net::TcpStream;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 use vhost::vhost_user::message::{
@@ -30,14 +32,101 @@ use vhost::VhostUserMemoryRegionBase;
 #[derive(Clone, Debug)]
 struct DeviceInfo {
     features: u64,
+    protocol: u64,
     num_queues: u16,
     max_queue_size: u16,
     config: Vec<u8>,
 }
 
+/// A byte stream to the SoC: TCP (a SoC VM, a SmartNIC) or a unix socket (a SoC-mode leapd on
+/// this host, tests).
+pub enum Channel {
+    /// A unix stream socket.
+    Unix(UnixStream),
+    /// A TCP connection.
+    Tcp(TcpStream),
+}
+
+impl From<UnixStream> for Channel {
+    fn from(s: UnixStream) -> Self {
+        Channel::Unix(s)
+    }
+}
+
+impl From<TcpStream> for Channel {
+    fn from(s: TcpStream) -> Self {
+        // Control messages are small and latency-bound (kicks, calls).
+        let _ = s.set_nodelay(true);
+        Channel::Tcp(s)
+    }
+}
+
+impl Channel {
+    fn try_clone(&self) -> std::io::Result<Channel> {
+        Ok(match self {
+            Channel::Unix(s) => Channel::Unix(s.try_clone()?),
+            Channel::Tcp(s) => Channel::Tcp(s.try_clone()?),
+        })
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Channel::Unix(s) => s.set_read_timeout(t),
+            Channel::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+    fn shutdown(&self) {
+        let _ = match self {
+            Channel::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Channel::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Channel {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Channel::Unix(s) => s.read(buf),
+            Channel::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Channel {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Channel::Unix(s) => s.write(buf),
+            Channel::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsRawFd for Channel {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Channel::Unix(s) => s.as_raw_fd(),
+            Channel::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+/// Bytes that crossed the control channel (all of it control: the agent has no access to guest
+/// memory, so no request data can be among them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkBytes {
+    /// Sent to the SoC.
+    pub sent: u64,
+    /// Received from the SoC.
+    pub received: u64,
+}
+
 /// The connection to the SoC: requests wait for their Reply; Calls go to the hypervisor.
 pub struct Link {
-    tx: Mutex<UnixStream>,
+    tx: Mutex<Channel>,
+    sent: AtomicU64,
+    received: AtomicU64,
     seq: AtomicU32,
     pending: Mutex<HashMap<u32, mpsc::Sender<(u32, u64)>>>,
     calls: Mutex<Vec<Option<File>>>,
@@ -47,7 +136,8 @@ pub struct Link {
 
 impl Link {
     /// Greets the SoC over `stream` and waits for its device description.
-    pub fn connect(stream: UnixStream, name: &str) -> Result<Arc<Link>, String> {
+    pub fn connect(stream: impl Into<Channel>, name: &str) -> Result<Arc<Link>, String> {
+        let stream = stream.into();
         let mut rx = stream.try_clone().map_err(|e| e.to_string())?;
         let mut framer = Framer::default();
         let mut info = None;
@@ -64,14 +154,15 @@ impl Link {
             for (_, m) in framer.push(&buf[..n]).map_err(|e| e.to_string())? {
                 if let Msg::DeviceInfo {
                     features,
+                    protocol,
                     num_queues,
                     max_queue_size,
                     config,
-                    ..
                 } = m
                 {
                     info = Some(DeviceInfo {
                         features,
+                        protocol,
                         num_queues,
                         max_queue_size,
                         config,
@@ -82,12 +173,15 @@ impl Link {
         rx.set_read_timeout(None).map_err(|e| e.to_string())?;
         let info = info.unwrap_or(DeviceInfo {
             features: 0,
+            protocol: 0,
             num_queues: 1,
             max_queue_size: 1,
             config: Vec::new(),
         });
         let link = Arc::new(Link {
             tx: Mutex::new(stream),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
             seq: AtomicU32::new(1),
             pending: Mutex::new(HashMap::new()),
             calls: Mutex::new((0..info.num_queues).map(|_| None).collect()),
@@ -115,7 +209,34 @@ impl Link {
         relay::encode(m, seq, &mut out).map_err(|e| e.to_string())?;
         let mut tx = self.tx.lock().map_err(|_| "poisoned")?;
         tx.write_all(&out)
-            .map_err(|e| format!("send to the SoC: {e}"))
+            .map_err(|e| format!("send to the SoC: {e}"))?;
+        self.sent.fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether the SoC went away (or sent something unreadable): the link is of no further use.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Closes the link (the receiving thread ends and waiters are released).
+    pub fn close(&self) {
+        if let Ok(tx) = self.tx.lock() {
+            tx.shutdown();
+        }
+    }
+
+    /// Control bytes exchanged so far.
+    pub fn bytes(&self) -> LinkBytes {
+        LinkBytes {
+            sent: self.sent.load(Ordering::Relaxed),
+            received: self.received.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Asks the SoC whether it is alive: Ok once it answers.
+    pub fn keep_alive(&self) -> Result<(), String> {
+        self.request(&Msg::KeepAlive).map(|_| ())
     }
 
     /// Sends a request and waits for its Reply: `Ok(value)` or the SoC's refusal.
@@ -127,17 +248,23 @@ impl Link {
         match rx.recv_timeout(Duration::from_secs(30)) {
             Ok((0, value)) => Ok(value),
             Ok((status, _)) => Err(format!("the SoC refused {m:?} (errno {status})")),
-            Err(_) => Err(format!("no reply from the SoC to {m:?}")),
+            Err(_) if self.is_closed() => Err(format!("the SoC went away before answering {m:?}")),
+            Err(_) => {
+                // A SoC that does not answer within 30 s is as good as gone.
+                self.close();
+                Err(format!("no reply from the SoC to {m:?} within 30 s"))
+            }
         }
     }
 
-    fn receive(&self, mut rx: UnixStream, mut framer: Framer) {
+    fn receive(&self, mut rx: Channel, mut framer: Framer) {
         let mut buf = [0u8; 4096];
         loop {
             let n = match rx.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            self.received.fetch_add(n as u64, Ordering::Relaxed);
             let msgs = match framer.push(&buf[..n]) {
                 Ok(m) => m,
                 Err(e) => {
@@ -193,6 +320,10 @@ struct AgentRing {
 /// The vhost-user device the hypervisor sees; its rings are served on the SoC.
 pub struct AgentDevice {
     link: Arc<Link>,
+    /// Where inflight regions live for the SoC to reach (None: tracking is not offered).
+    inflight: Option<Arc<inflight::WindowFile>>,
+    /// A getter was refused: the hypervisor waits for an answer that will not come.
+    hangup: bool,
     window: (u64, u64),
     stats: Arc<VhostStats>,
     acked: u64,
@@ -205,15 +336,27 @@ pub struct AgentDevice {
 impl AgentDevice {
     /// A device relayed over `link`; guest memory must live in `window_file`, which the SoC
     /// maps through its window from offset 0.
+    /// With `inflight`, inflight I/O tracking is offered to the hypervisor (if the SoC can reach
+    /// that file): its regions are kept there and their place relayed to the SoC.
     pub fn new(
         link: Arc<Link>,
         window_file: &File,
+        inflight: Option<Arc<inflight::WindowFile>>,
         stats: Arc<VhostStats>,
     ) -> Result<Self, String> {
         let window = identity(window_file).ok_or("cannot stat the window file")?;
         let n = link.info.num_queues as usize;
+        let soc_tracks = link.info.protocol & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() != 0;
+        if inflight.is_some() && !soc_tracks {
+            log::warn!(
+                "agent: the SoC has no window onto the inflight file; inflight tracking is not \
+                 offered (a SoC restart may lose in-flight requests)"
+            );
+        }
         Ok(AgentDevice {
             link,
+            inflight: inflight.filter(|_| soc_tracks),
+            hangup: false,
             window,
             stats,
             acked: 0,
@@ -329,9 +472,48 @@ impl AgentDevice {
         Ok(base)
     }
 
-    /// Stops every ring on the SoC (the connection ended).
+    /// A fresh inflight region in the inflight file, relayed to the SoC (GET_INFLIGHT_FD).
+    fn fresh_inflight(&mut self, i: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        let Some(w) = self.inflight.clone() else {
+            return Err(self.refuse("GET_INFLIGHT_FD: inflight tracking was not offered".into()));
+        };
+        let (offset, size) = w
+            .fresh_region(i.num_queues, i.queue_size, self.rings.len() as u16)
+            .map_err(|e| self.refuse(format!("GET_INFLIGHT_FD: {e}")))?;
+        self.relay_inflight(offset, size, i.num_queues, i.queue_size)?;
+        let file = w
+            .file()
+            .try_clone()
+            .map_err(|e| self.refuse(format!("GET_INFLIGHT_FD: {e}")))?;
+        Ok((
+            VhostUserInflight::new(size, offset, i.num_queues, i.queue_size),
+            file,
+        ))
+    }
+
+    /// Tells the SoC where the inflight region is: its offset in the inflight file, as a host
+    /// address.
+    fn relay_inflight(&mut self, offset: u64, size: u64, nq: u16, qs: u16) -> VuResult<()> {
+        let host = relay::INFLIGHT_HOST
+            .checked_add(offset)
+            .ok_or_else(|| self.refuse(format!("inflight offset {offset:#x} overflows")))?;
+        self.link
+            .request(&Msg::Inflight {
+                host,
+                size,
+                num_queues: nq,
+                queue_size: qs,
+            })
+            .map(|_| ())
+            .map_err(|e| self.refuse(e))
+    }
+
+    /// Stops every ring on the SoC (the connection ended). The SoC bounds each stop itself.
     pub fn shutdown(&mut self) {
         for q in 0..self.rings.len() {
+            if self.link.is_closed() {
+                self.rings[q].running = false;
+            }
             let _ = self.stop(q);
         }
         if let Some((stop, t)) = self.kicker.take() {
@@ -433,7 +615,7 @@ impl VhostUserBackendReqHandlerMut for AgentDevice {
     }
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
         let q = self.ring(index)?;
-        let base = self.stop(q)?;
+        let base = self.stop(q).inspect_err(|_| self.hangup = true)?;
         self.rings[q].kick = None;
         Ok(VhostUserVringState::new(index, base as u32))
     }
@@ -456,9 +638,13 @@ impl VhostUserBackendReqHandlerMut for AgentDevice {
         Ok(())
     }
     fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
-        Ok(VhostUserProtocolFeatures::MQ
+        let f = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK)
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        Ok(match self.inflight {
+            Some(_) => f | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+            None => f,
+        })
     }
     fn set_protocol_features(&mut self, _features: u64) -> VuResult<()> {
         Ok(())
@@ -495,16 +681,30 @@ impl VhostUserBackendReqHandlerMut for AgentDevice {
             .map(|_| ())
             .map_err(|e| self.refuse(e))
     }
-    fn get_inflight_fd(&mut self, _i: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
-        Err(self.refuse(
-            "GET_INFLIGHT_FD: inflight regions through a window are not supported yet".into(),
-        ))
+    fn get_inflight_fd(&mut self, i: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        let r = self.fresh_inflight(i);
+        r.inspect_err(|_| self.hangup = true)
     }
-    fn set_inflight_fd(&mut self, _i: &VhostUserInflight, _f: File) -> VuResult<()> {
-        Err(self.refuse(
-            "SET_INFLIGHT_FD: inflight regions through a window are not supported yet".into(),
-        ))
+    fn set_inflight_fd(&mut self, i: &VhostUserInflight, file: File) -> VuResult<()> {
+        let Some(w) = self.inflight.clone() else {
+            return Err(self.refuse("SET_INFLIGHT_FD: inflight tracking was not offered".into()));
+        };
+        if identity(&file).is_none() || identity(&file) != identity(w.file()) {
+            return Err(self.refuse(
+                "SET_INFLIGHT_FD: the region is not in the inflight file the SoC can reach".into(),
+            ));
+        }
+        self.relay_inflight(i.mmap_offset, i.mmap_size, i.num_queues, i.queue_size)
     }
 
     refuse_unsupported_requests!();
+}
+
+impl crate::server::Session for AgentDevice {
+    fn take_hangup(&mut self) -> bool {
+        std::mem::take(&mut self.hangup)
+    }
+    fn shutdown(&mut self, _timeout: Option<Duration>) {
+        AgentDevice::shutdown(self)
+    }
 }

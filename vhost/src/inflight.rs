@@ -38,6 +38,96 @@ const HEADER: usize = 16;
 const DESC: usize = 16;
 const ALIGN: usize = 64;
 
+/// The first bytes of a file that holds inflight regions for a SoC ([`WindowFile`]): how the SoC
+/// tells that window from guest-memory windows.
+pub const WINDOW_MAGIC: [u8; 8] = *b"LEAPINFL";
+/// Where regions start in such a file: page aligned for any page size up to 64 KiB.
+pub const WINDOW_REGION_OFFSET: u64 = 64 << 10;
+
+/// A file in which the host agent keeps inflight regions where a SoC can reach them (through a
+/// window onto it, e.g. a second ivshmem BAR): a header page ([`WINDOW_MAGIC`]), then regions.
+/// The agent writes it with `pwrite` only; it never maps it.
+pub struct WindowFile {
+    file: File,
+    len: u64,
+}
+
+impl WindowFile {
+    /// Opens `path`, creating it (and growing it to `len` bytes) if needed, and writes the header.
+    pub fn prepare(path: &std::path::Path, len: u64) -> Result<WindowFile, InflightError> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(InflightError::Os)?;
+        let have = file.metadata().map_err(InflightError::Os)?.len();
+        if have < len {
+            file.set_len(len).map_err(InflightError::Os)?;
+        }
+        let len = have.max(len);
+        if len <= WINDOW_REGION_OFFSET {
+            return Err(invalid(format!(
+                "{}: {len} bytes leave no room for regions",
+                path.display()
+            )));
+        }
+        file.write_all_at(&WINDOW_MAGIC, 0)
+            .map_err(InflightError::Os)?;
+        Ok(WindowFile { file, len })
+    }
+
+    /// The file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// A fresh, zeroed region for `num_queues` queues of `queue_size` (every queue at version 0,
+    /// "never used"): its offset and size in the file.
+    pub fn fresh_region(
+        &self,
+        num_queues: u16,
+        queue_size: u16,
+        max_queues: u16,
+    ) -> Result<(u64, u64), InflightError> {
+        use std::os::unix::fs::FileExt;
+        check_shape(num_queues, queue_size, max_queues)?;
+        let size = num_queues as u64 * queue_region_bytes(queue_size) as u64;
+        if WINDOW_REGION_OFFSET + size > self.len {
+            return Err(invalid(format!(
+                "{num_queues} queue(s) of {queue_size} need {size} bytes; the window file holds {}",
+                self.len - WINDOW_REGION_OFFSET
+            )));
+        }
+        self.file
+            .write_all_at(&vec![0u8; size as usize], WINDOW_REGION_OFFSET)
+            .map_err(InflightError::Os)?;
+        Ok((WINDOW_REGION_OFFSET, size))
+    }
+}
+
+/// Whether `file` (a window) starts with [`WINDOW_MAGIC`]: it holds inflight regions, not guest
+/// memory. Reads the first bytes through a mapping, with naturally aligned accesses (a BAR
+/// cannot be read with `pread`, and on ARM it is device memory).
+pub fn is_window_file(file: &File) -> bool {
+    let Ok(file) = file.try_clone() else {
+        return false;
+    };
+    let Ok(map) = MmapRegion::<()>::build(
+        Some(FileOffset::new(file, 0)),
+        WINDOW_MAGIC.len(),
+        libc::PROT_READ,
+        libc::MAP_SHARED,
+    ) else {
+        return false;
+    };
+    map.get_atomic_ref::<AtomicU64>(0)
+        .map(|v| v.load(Ordering::Acquire).to_le_bytes() == WINDOW_MAGIC)
+        .unwrap_or(false)
+}
+
 /// Bytes of one queue's region for queues of `size` entries.
 pub fn queue_region_bytes(size: u16) -> usize {
     (DESC * size as usize + 2).div_ceil(ALIGN) * ALIGN

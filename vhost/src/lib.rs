@@ -82,5 +82,5 @@ pub mod stats;
 pub mod driver;
 
 pub use device::{BlkDevice, DeviceConfig, DeviceContext};
-pub use server::{ServeError, Server, StopHandle};
+pub use server::{ServeError, Server, Session, StopHandle};
 pub use stats::{Malformed, VhostStats};

@@ -28,6 +28,9 @@ pub const MAX_REGIONS: usize = 8;
 pub const MAX_CONFIG: usize = 256;
 /// Longest peer name.
 pub const MAX_NAME: usize = 64;
+/// The host address at which the agent's inflight file appears (its offset 0): far above any
+/// guest memory, so the SoC's window onto that file cannot overlap a guest-memory window.
+pub const INFLIGHT_HOST: u64 = 1 << 62;
 
 /// Who is speaking.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,9 +1,11 @@
 //! The listening side: a unix socket that serves one vhost-user connection at a time, with a new
 //! device per connection so the same socket serves QEMU again after the guest, QEMU or leapd
 //! restarts. The connection's requests are handled on the thread that calls [`Server::run`]; the
-//! data path runs on the pollers.
+//! data path runs on the pollers. The same loop serves the host agent's relayed device
+//! ([`Server::run_with`] with any [`Session`]).
 
 use crate::device::{BlkDevice, DeviceContext};
+use crate::stats::VhostStats;
 use leap_runtime::log_limited;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
@@ -11,7 +13,27 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use vhost::vhost_user::{BackendReqHandler, Error as VuError, Listener};
+use vhost::vhost_user::{
+    BackendReqHandler, Error as VuError, Listener, VhostUserBackendReqHandlerMut,
+};
+
+/// The device of one vhost-user connection.
+pub trait Session: VhostUserBackendReqHandlerMut + Send {
+    /// Whether the last refusal left the front end waiting for a reply that will not come (a
+    /// refused getter): the connection must end. Clears the flag.
+    fn take_hangup(&mut self) -> bool;
+    /// Stops every ring; in-flight requests complete first, for at most `timeout` each.
+    fn shutdown(&mut self, timeout: Option<std::time::Duration>);
+}
+
+impl Session for BlkDevice {
+    fn take_hangup(&mut self) -> bool {
+        BlkDevice::take_hangup(self)
+    }
+    fn shutdown(&mut self, timeout: Option<std::time::Duration>) {
+        BlkDevice::shutdown(self, timeout)
+    }
+}
 
 /// How long a connection's end waits for its in-flight requests.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -33,6 +55,25 @@ pub enum ServeError {
     },
 }
 
+/// A device's counters as `name=value` pairs: NVMe commands by kind, bytes, refused commands,
+/// back-end errors (when served here), and malformed requests by reason (only the non-zero ones).
+pub fn counters(io: Option<&leap_runtime::DeviceIoStats>, stats: &VhostStats) -> String {
+    let mut out: Vec<String> = io
+        .map(|io| io.snapshot())
+        .unwrap_or_default()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    out.extend(
+        stats
+            .snapshot()
+            .iter()
+            .filter(|(_, v)| *v > 0)
+            .map(|(k, v)| format!("malformed_{k}={v}")),
+    );
+    out.join(" ")
+}
+
 /// Lets another thread (a signal handler thread) stop a [`Server`].
 #[derive(Clone, Default)]
 pub struct StopHandle {
@@ -50,6 +91,14 @@ impl StopHandle {
             }
         }
     }
+    /// Ends the current connection, if any, and goes on serving (the front end may reconnect).
+    pub fn end_connection(&self) {
+        if let Ok(c) = self.current.lock() {
+            if let Some(s) = c.as_ref() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
     /// Whether `stop` was called.
     pub fn stopped(&self) -> bool {
         self.stop.load(Ordering::Acquire)
@@ -60,7 +109,9 @@ impl StopHandle {
 pub struct Server {
     path: PathBuf,
     listener: Listener,
-    ctx: DeviceContext,
+    /// The local device's context (None for a relayed device).
+    ctx: Option<DeviceContext>,
+    stats: Arc<VhostStats>,
     stop: StopHandle,
 }
 
@@ -68,6 +119,15 @@ impl Server {
     /// Binds `path` with permissions `mode`. A stale socket (nobody answering) is replaced; a live
     /// one is an error.
     pub fn bind(path: &Path, mode: u32, ctx: DeviceContext) -> Result<Server, ServeError> {
+        let stats = ctx.stats.clone();
+        let mut s = Self::listen(path, mode, stats)?;
+        s.ctx = Some(ctx);
+        Ok(s)
+    }
+
+    /// Binds `path` for a device that is not served here ([`Server::run_with`]); refusals are
+    /// counted in `stats`.
+    pub fn listen(path: &Path, mode: u32, stats: Arc<VhostStats>) -> Result<Server, ServeError> {
         if path.exists() {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return Err(ServeError::InUse(path.to_path_buf()));
@@ -85,7 +145,8 @@ impl Server {
         Ok(Server {
             path: path.to_path_buf(),
             listener,
-            ctx,
+            ctx: None,
+            stats,
             stop: StopHandle::default(),
         })
     }
@@ -99,15 +160,7 @@ impl Server {
     /// kind, bytes, refused commands, back-end errors, and malformed virtio requests by reason
     /// (only the non-zero ones).
     pub fn counters(&self) -> String {
-        let io = self.ctx.io_stats.snapshot();
-        let bad = self.ctx.stats.snapshot();
-        let mut out: Vec<String> = io.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        out.extend(
-            bad.iter()
-                .filter(|(_, v)| *v > 0)
-                .map(|(k, v)| format!("malformed_{k}={v}")),
-        );
-        out.join(" ")
+        counters(self.ctx.as_ref().map(|c| &*c.io_stats), &self.stats)
     }
 
     /// A handle to stop [`Server::run`] from another thread.
@@ -115,13 +168,30 @@ impl Server {
         self.stop.clone()
     }
 
-    /// Serves connections one after another until stopped.
+    /// Serves connections one after another until stopped, a new device for each.
     pub fn run(&mut self) -> Result<(), ServeError> {
+        let ctx = self.ctx.clone().ok_or_else(|| ServeError::Listen {
+            path: self.path.clone(),
+            source: std::io::Error::other("no local device to serve"),
+        })?;
+        self.run_with(|| Some(BlkDevice::new(ctx.clone())))
+    }
+
+    /// Serves connections one after another until stopped, each with the device `make` returns
+    /// when one is waiting. While `make` returns None (what the device needs is not there yet)
+    /// the connection waits in the socket's backlog and `make` is asked again.
+    pub fn run_with<D: Session>(
+        &mut self,
+        mut make: impl FnMut() -> Option<D>,
+    ) -> Result<(), ServeError> {
         while !self.stop.stopped() {
             if !self.wait_for_connection()? {
                 continue;
             }
-            self.serve_one()?;
+            match make() {
+                Some(dev) => self.serve_one(dev)?,
+                None => std::thread::sleep(std::time::Duration::from_millis(200)),
+            }
         }
         Ok(())
     }
@@ -139,7 +209,7 @@ impl Server {
     }
 
     /// Serves one connection to its end.
-    fn serve_one(&mut self) -> Result<(), ServeError> {
+    fn serve_one<D: Session>(&mut self, dev: D) -> Result<(), ServeError> {
         let stream = match self.listener.accept() {
             Ok(Some(s)) => s,
             Ok(None) => return Ok(()),
@@ -148,7 +218,7 @@ impl Server {
                 return Ok(());
             }
         };
-        let dev = Arc::new(Mutex::new(BlkDevice::new(self.ctx.clone())));
+        let dev = Arc::new(Mutex::new(dev));
         let mut handler = BackendReqHandler::from_stream(stream, dev.clone());
         if let Ok(mut c) = self.stop.current.lock() {
             *c = handler.try_clone_connection().ok();
@@ -177,7 +247,7 @@ impl Server {
                 // A message the protocol layer could not parse or that is not allowed now:
                 // nothing was answered, so the connection cannot go on.
                 Err(e) => {
-                    self.ctx.stats.count(crate::stats::Malformed::Message);
+                    self.stats.count(crate::stats::Malformed::Message);
                     log_limited!(log::Level::Warn, "{}: vhost-user: {e}", self.path.display());
                     break Err(e.to_string());
                 }

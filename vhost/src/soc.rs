@@ -50,6 +50,8 @@ pub struct SocDevice {
     files: Vec<WindowFile>,
     table: MemoryTable,
     rings: Vec<SocRing>,
+    /// The inflight region the agent placed in a window (Inflight message).
+    inflight: Option<Arc<crate::inflight::Region>>,
 }
 
 const EINVAL: u32 = libc::EINVAL as u32;
@@ -84,7 +86,50 @@ impl SocDevice {
             files,
             table: MemoryTable::empty(),
             rings,
+            inflight: None,
         })
+    }
+
+    /// Whether a window holds inflight regions (its file starts with the inflight magic), so
+    /// the agent may offer inflight tracking to the hypervisor.
+    fn has_inflight_window(&self) -> bool {
+        self.files
+            .iter()
+            .any(|f| crate::inflight::is_window_file(&f.file))
+    }
+
+    /// Maps the inflight region at host address `host` through the windows.
+    fn open_inflight(
+        &self,
+        host: u64,
+        size: u64,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<crate::inflight::Region, String> {
+        let end = host.checked_add(size).ok_or("host range overflows")?;
+        let w = self
+            .windows
+            .iter()
+            .find(|w| host >= w.host && w.host.checked_add(w.len).is_some_and(|e| end <= e))
+            .ok_or_else(|| format!("host {host:#x}+{size:#x} is in no window"))?;
+        let soc = w
+            .soc
+            .checked_add(host - w.host)
+            .ok_or("SoC address overflows")?;
+        let f = self
+            .files
+            .iter()
+            .find(|f| soc >= f.soc && (soc - f.soc).checked_add(size).is_some_and(|e| e <= f.len))
+            .ok_or_else(|| format!("SoC address {soc:#x}+{size:#x} is in no window file"))?;
+        crate::inflight::Region::open(
+            &f.file,
+            size,
+            soc - f.soc,
+            num_queues,
+            queue_size,
+            self.rings.len() as u16,
+        )
+        .map_err(|e| e.to_string())
     }
 
     /// What this side sends first: Hello and the device.
@@ -97,7 +142,11 @@ impl SocDevice {
             },
             Msg::DeviceInfo {
                 features: offered_features(&self.shared),
-                protocol: 0,
+                protocol: if self.has_inflight_window() {
+                    vhost::vhost_user::message::VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits()
+                } else {
+                    0
+                },
                 num_queues: self.ctx.config.num_queues,
                 max_queue_size: self.ctx.config.max_queue_size,
                 config: blk_config(&self.ctx, &self.shared).to_bytes().to_vec(),
@@ -210,7 +259,7 @@ impl SocDevice {
                     event_idx: v.event_idx,
                     kick: Some(&r.kick),
                     call: &r.call,
-                    inflight: None,
+                    inflight: self.inflight.as_ref(),
                     stopped_at: &r.stopped_at,
                     mem: &self.table,
                 };
@@ -262,11 +311,26 @@ impl SocDevice {
                 for r in self.rings.iter_mut() {
                     r.vring = None;
                 }
+                self.inflight = None;
                 Self::ok(0)
             }
             Msg::KeepAlive => Self::ok(0),
-            Msg::Inflight { .. } => {
-                self.refuse("inflight regions through a window are not supported yet".into())
+            Msg::Inflight {
+                host,
+                size,
+                num_queues,
+                queue_size,
+            } => {
+                if self.rings.iter().any(|r| r.running.is_some()) {
+                    return self.refuse("an inflight region while rings run".into());
+                }
+                match self.open_inflight(host, size, num_queues, queue_size) {
+                    Ok(r) => {
+                        self.inflight = Some(Arc::new(r));
+                        Self::ok(0)
+                    }
+                    Err(e) => self.refuse(format!("inflight region: {e}")),
+                }
             }
             // Messages only this side sends, or replies it does not wait for.
             m @ (Msg::DeviceInfo { .. } | Msg::Call(_) | Msg::Reply { .. }) => {

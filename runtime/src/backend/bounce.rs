@@ -16,12 +16,38 @@ use super::{Backend, BackendError, BackendQueue, DiskInfo, IoOp, IoRequest, Subm
 use crate::window::{copy_from_window, copy_to_window};
 use leap_queues::Status;
 use std::os::fd::RawFd;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// A back end whose requests' data is bounced through local memory.
 pub struct BounceBackend {
     inner: Arc<dyn Backend>,
     info: DiskInfo,
+    /// One counter pair per queue opened, summed when read: the data path never shares a line.
+    counters: Mutex<Vec<Arc<Copied>>>,
+}
+
+/// Bytes one queue copied across the window. Written only by the queue's poller (Relaxed: a
+/// statistic, read by others whenever they like).
+#[derive(Default)]
+struct Copied {
+    from_window: AtomicU64,
+    to_window: AtomicU64,
+}
+
+impl Copied {
+    fn add(c: &AtomicU64, n: usize) {
+        c.store(c.load(Ordering::Relaxed) + n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Request data that crossed the window, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WindowBytes {
+    /// Copied out of the window (write data).
+    pub from_window: u64,
+    /// Copied into the window (read data).
+    pub to_window: u64,
 }
 
 impl BounceBackend {
@@ -40,7 +66,20 @@ impl BounceBackend {
             )));
         }
         info.max_transfer = limit;
-        Ok(BounceBackend { inner, info })
+        Ok(BounceBackend {
+            inner,
+            info,
+            counters: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Request data copied across the window so far, by every queue ever opened.
+    pub fn window_bytes(&self) -> WindowBytes {
+        let c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        c.iter().fold(WindowBytes::default(), |t, q| WindowBytes {
+            from_window: t.from_window + q.from_window.load(Ordering::Relaxed),
+            to_window: t.to_window + q.to_window.load(Ordering::Relaxed),
+        })
     }
 }
 
@@ -55,7 +94,13 @@ impl Backend for BounceBackend {
         let bytes = slots
             .checked_mul(size)
             .ok_or_else(|| BackendError::Invalid("bounce pool too large".into()))?;
+        let copied = Arc::new(Copied::default());
+        self.counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(copied.clone());
         Ok(Box::new(BounceQueue {
+            copied,
             inner,
             pool: vec![0u8; bytes].into_boxed_slice(),
             size,
@@ -85,6 +130,7 @@ struct InFlight {
 }
 
 struct BounceQueue {
+    copied: Arc<Copied>,
     inner: Box<dyn BackendQueue>,
     pool: Box<[u8]>,
     size: usize,
@@ -122,6 +168,7 @@ impl BounceQueue {
                 };
                 done += n;
             }
+            Copied::add(&self.copied.to_window, done);
         }
         self.free.push(f.slot);
     }
@@ -167,6 +214,7 @@ impl BackendQueue for BounceQueue {
                 };
                 done += n;
             }
+            Copied::add(&self.copied.from_window, done);
         }
         let local = [libc::iovec {
             iov_base: buf.cast(),
@@ -310,6 +358,13 @@ mod tests {
             Status::SUCCESS
         );
         assert_eq!(&back[1..], &data[..]);
+        assert_eq!(
+            b.window_bytes(),
+            WindowBytes {
+                from_window: 8192,
+                to_window: 8192
+            }
+        );
         // The inner back end saw only its pool, never the window's addresses.
         let win_range = win.as_ptr() as usize..win.as_ptr() as usize + win.len();
         let back_range = back.as_ptr() as usize..back.as_ptr() as usize + back.len();
@@ -351,6 +406,16 @@ mod tests {
         assert_eq!(run(&mut *q, IoOp::Read, 8192, &mut r), Status::SUCCESS);
         assert_eq!(r, want);
         assert_eq!(q.room().min(8), 8, "every slot free again");
+        let mut q2 = b.open_queue(8).unwrap();
+        assert_eq!(run(&mut *q2, IoOp::Read, 0, &mut r), Status::SUCCESS);
+        assert_eq!(
+            b.window_bytes(),
+            WindowBytes {
+                from_window: 16384,
+                to_window: 32768
+            },
+            "every queue's copies are counted"
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub mod null;
 pub mod ram;
 mod sync_io;
 
-pub use bounce::BounceBackend;
+pub use bounce::{BounceBackend, WindowBytes};
 pub use file::{FileBackend, FileOptions};
 pub use null::NullBackend;
 pub use ram::RamBackend;
