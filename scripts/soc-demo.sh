@@ -80,6 +80,7 @@ inflight=/dev/shm/leap-soc-demo-inflight-$$
 ram_size=512M
 port=$((17300 + $$ % 500))
 killport=$((port + 500))
+stopport=$((port + 1000))
 soc_pid="" agent_pid="" tenant_pid=""
 cleanup() {
   local rc=$?
@@ -128,7 +129,7 @@ fi
   -object "memory-backend-file,id=inflight,mem-path=$inflight,size=1M,share=on" \
   -device ivshmem-plain,memdev=inflight \
   -drive "file=$work/ssd.img,if=none,id=ssd,format=raw" -device nvme,serial=leap-ssd,drive=ssd \
-  -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$port-:7300,hostfwd=tcp:127.0.0.1:$killport-:7301" \
+  -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$port-:7300,hostfwd=tcp:127.0.0.1:$killport-:7301,hostfwd=tcp:127.0.0.1:$stopport-:7302" \
   -device virtio-net-pci,netdev=n0,romfile= \
   </dev/null >"$work/soc-qemu.log" 2>&1 &
 soc_pid=$!
@@ -182,16 +183,19 @@ fi
 kill -TERM "$agent_pid"
 wait "$agent_pid" || true
 agent_pid=""
+# Stop the SoC's leapd cleanly (in-flight I/O completes, the SSD is synced); the VM powers off.
+exec 3<>"/dev/tcp/127.0.0.1/$stopport" && exec 3>&- || die "could not reach the SoC VM's stop port"
 for ((i = 0; i < 120; i++)); do
-  grep -q "window_bytes_total=" "$work/soc.log" && break
+  kill -0 "$soc_pid" 2>/dev/null || break
   sleep 0.5
 done
+kill -0 "$soc_pid" 2>/dev/null && { tail -n 20 "$work/soc.log" >&2; die "the SoC VM did not power off after leapd was stopped"; }
+wait "$soc_pid" 2>/dev/null || true
+soc_pid=""
+grep -q "LEAP-SOC: stopped" "$work/soc.log" || { tail -n 20 "$work/soc.log" >&2; die "leapd in the SoC VM did not stop cleanly"; }
 window_bytes=$(grep -o "window_bytes_total=[0-9]*" "$work/soc.log" | tail -1 | cut -d= -f2)
 window_bytes=${window_bytes:-0}
 resubmitted=$({ grep -o "resubmitting [0-9]* request" "$work/soc.log" || true; } | awk '{ s += $2 } END { print s + 0 }')
-kill -TERM "$soc_pid" 2>/dev/null || true
-wait "$soc_pid" 2>/dev/null || true
-soc_pid=""
 
 extra=""
 [ "$crash" = 0 ] || extra=" crash=1 resubmitted=$resubmitted"

@@ -117,64 +117,104 @@ impl Agent {
     }
 }
 
-#[test]
-fn requests_are_served_through_the_window_and_only_control_crosses() {
-    let ram = memfd(RAM);
-    let stats = Arc::new(VhostStats::default());
-    let io_stats = Arc::new(DeviceIoStats::new(1));
-    let disk: Arc<dyn Backend> = Arc::new(RamBackend::new(1 << 20, 512).unwrap());
-    let ctx = DeviceContext {
-        ns: Namespace::new(disk),
-        pollers: Arc::new(spawn_pollers(1, "soc-poller")),
-        config: DeviceConfig::default(),
-        stats: stats.clone(),
-        io_stats: io_stats.clone(),
-        writeback: true,
-    };
-    let dev = SocDevice::new(
-        ctx,
-        vec![Window {
+/// A SoC session over a socketpair, serving a RAM disk through `windows`.
+struct Session {
+    agent: Agent,
+    stats: Arc<VhostStats>,
+    io_stats: Arc<DeviceIoStats>,
+    stop: Arc<AtomicBool>,
+    soc: std::thread::JoinHandle<Result<(), String>>,
+}
+
+impl Session {
+    fn start(windows: Vec<(Window, WindowFile)>) -> (Session, Msg) {
+        let stats = Arc::new(VhostStats::default());
+        let io_stats = Arc::new(DeviceIoStats::new(1));
+        let disk: Arc<dyn Backend> = Arc::new(RamBackend::new(1 << 20, 512).unwrap());
+        let ctx = DeviceContext {
+            ns: Namespace::new(disk),
+            pollers: Arc::new(spawn_pollers(1, "soc-poller")),
+            config: DeviceConfig::default(),
+            stats: stats.clone(),
+            io_stats: io_stats.clone(),
+            writeback: true,
+        };
+        let (w, f) = windows.into_iter().unzip();
+        let dev = SocDevice::new(ctx, w, f).unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let soc = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut dev, mut s) = (dev, theirs);
+                serve(&mut s, &mut dev, &stop)
+            })
+        };
+        let mut agent = Agent {
+            s: ours,
+            framer: Framer::default(),
+            seq: 0,
+            got: Vec::new(),
+        };
+        assert!(matches!(
+            agent.wait(|_, m| matches!(m, Msg::Hello { .. })),
+            Msg::Hello {
+                role: Role::Soc,
+                ..
+            }
+        ));
+        let info = agent.wait(|_, m| matches!(m, Msg::DeviceInfo { .. }));
+        let s = Session {
+            agent,
+            stats,
+            io_stats,
+            stop,
+            soc,
+        };
+        (s, info)
+    }
+
+    fn end(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.soc.join().unwrap().unwrap();
+    }
+}
+
+/// The tenant's RAM as the only window.
+fn ram_window(ram: &std::fs::File) -> (Window, WindowFile) {
+    (
+        Window {
             host: 0,
             len: RAM,
             soc: SOC,
-        }],
-        vec![WindowFile {
+        },
+        WindowFile {
             file: ram.try_clone().unwrap(),
             soc: SOC,
             len: RAM,
-        }],
+        },
     )
-    .unwrap();
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    ours.set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let soc = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let (mut dev, mut s) = (dev, theirs);
-            serve(&mut s, &mut dev, &stop)
-        })
-    };
-    let mut a = Agent {
-        s: ours,
-        framer: Framer::default(),
-        seq: 0,
-        got: Vec::new(),
-    };
-    assert!(matches!(
-        a.wait(|_, m| matches!(m, Msg::Hello { .. })),
-        Msg::Hello {
-            role: Role::Soc,
-            ..
-        }
-    ));
+}
+
+#[test]
+fn requests_are_served_through_the_window_and_only_control_crosses() {
+    let ram = memfd(RAM);
+    let (session, info) = Session::start(vec![ram_window(&ram)]);
     let Msg::DeviceInfo {
-        num_queues, config, ..
-    } = a.wait(|_, m| matches!(m, Msg::DeviceInfo { .. }))
+        num_queues,
+        config,
+        protocol,
+        ..
+    } = info
     else {
         unreachable!()
     };
+    assert_eq!(protocol, 0, "no inflight window, no inflight tracking");
+    let (stats, io_stats) = (session.stats.clone(), session.io_stats.clone());
+    let mut session = session;
+    let a = &mut session.agent;
     assert_eq!(num_queues, 1);
     assert_eq!(
         u64::from_le_bytes(config[0..8].try_into().unwrap()),
@@ -266,8 +306,7 @@ fn requests_are_served_through_the_window_and_only_control_crosses() {
     );
     assert_eq!(stats.get(Malformed::Message) - before, 3);
     assert_eq!(a.call(Msg::KeepAlive).0, 0);
-    stop.store(true, std::sync::atomic::Ordering::Release);
-    soc.join().unwrap().unwrap();
+    session.end();
 }
 
 /// The whole relay in process: the in-process driver (the tenant, through vhost-user) talks to
@@ -304,6 +343,7 @@ fn tenant_agent_and_soc_run_verified_io() {
             DriverOptions {
                 queue_size: 64,
                 mem_size: 8 << 20,
+                inflight: true,
                 ..Default::default()
             },
         )
@@ -348,19 +388,37 @@ fn tenant_agent_and_soc_run_verified_io() {
     // The agent needs the window's file: the tenant's memfd, passed with SET_MEM_TABLE. Here
     // the test takes it from the first memory table the agent sees, through a probe device.
     let window_file = probe_memory_file(&stream);
+    // The agent's inflight file, which the SoC reaches through a second window.
+    let inflight = Arc::new(
+        leap_vhost::inflight::WindowFile::prepare(&dir.path().join("inflight"), 1 << 20).unwrap(),
+    );
     let (agent_end, soc_end) = UnixStream::pair().unwrap();
     let soc_dev = SocDevice::new(
         ctx,
-        vec![Window {
-            host: 0,
-            len: 8 << 20,
-            soc: SOC,
-        }],
-        vec![WindowFile {
-            file: window_file.try_clone().unwrap(),
-            soc: SOC,
-            len: 8 << 20,
-        }],
+        vec![
+            Window {
+                host: 0,
+                len: 8 << 20,
+                soc: SOC,
+            },
+            Window {
+                host: leap_vhost::relay::INFLIGHT_HOST,
+                len: 1 << 20,
+                soc: 2 * SOC,
+            },
+        ],
+        vec![
+            WindowFile {
+                file: window_file.try_clone().unwrap(),
+                soc: SOC,
+                len: 8 << 20,
+            },
+            WindowFile {
+                file: inflight.file().try_clone().unwrap(),
+                soc: 2 * SOC,
+                len: 1 << 20,
+            },
+        ],
     )
     .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -373,7 +431,7 @@ fn tenant_agent_and_soc_run_verified_io() {
     };
     let link = Link::connect(agent_end, "test-agent").unwrap();
     let dev = Arc::new(Mutex::new(
-        AgentDevice::new(link, &window_file, None, stats.clone()).unwrap(),
+        AgentDevice::new(link, &window_file, Some(inflight.clone()), stats.clone()).unwrap(),
     ));
     let mut handler = BackendReqHandler::from_stream(stream, dev.clone());
     loop {
@@ -388,6 +446,13 @@ fn tenant_agent_and_soc_run_verified_io() {
     stop.store(true, std::sync::atomic::Ordering::Release);
     soc.join().unwrap().unwrap();
     assert_eq!(stats.get(Malformed::Message), 0);
+    // The tenant's inflight region is in the agent's file, and the SoC used it (version 1).
+    let mut v = [0u8; 2];
+    inflight
+        .file()
+        .read_exact_at(&mut v, leap_vhost::inflight::WINDOW_REGION_OFFSET + 8)
+        .unwrap();
+    assert_eq!(u16::from_le_bytes(v), 1);
 }
 
 /// Peeks at the tenant's memfd: in a real deployment the window's file is configured (the
@@ -418,4 +483,102 @@ fn probe_memory_file(_s: &UnixStream) -> std::fs::File {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// The inflight region lives in the agent's inflight file, which the SoC reaches through a window
+/// of its own (recognized by its header). A request a crashed predecessor left marked in flight
+/// is resubmitted when the ring starts, before any kick, and completes exactly once; a region
+/// outside every window is refused.
+#[test]
+fn inflight_regions_through_a_window_resubmit_what_was_left() {
+    use leap_vhost::inflight::{self, queue_region_bytes};
+    use leap_vhost::relay::INFLIGHT_HOST;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inflight");
+    let file = inflight::WindowFile::prepare(&path, 1 << 20).unwrap();
+    let (off, size) = file.fresh_region(1, 16, 1).unwrap();
+    assert_eq!(size, queue_region_bytes(16) as u64);
+    let f = file.file();
+    // A predecessor took request 0 (head 0) and crashed before completing it: version 1,
+    // desc_num 16, used_idx 0, head 0 marked with counter 1.
+    f.write_all_at(&1u16.to_le_bytes(), off + 8).unwrap();
+    f.write_all_at(&16u16.to_le_bytes(), off + 10).unwrap();
+    f.write_all_at(&[1], off + 16).unwrap();
+    f.write_all_at(&1u64.to_le_bytes(), off + 16 + 8).unwrap();
+    let ram = memfd(RAM);
+    let data: Vec<u8> = (0..512u32).map(|i| (i * 13 + 5) as u8).collect();
+    ram.write_all_at(&data, 0x20000).unwrap();
+    request(&ram, 0, true, 8, 0x20000);
+    const WIN: u64 = 0x1_0000_0000;
+    let inflight_window = (
+        Window {
+            host: INFLIGHT_HOST,
+            len: 1 << 20,
+            soc: WIN,
+        },
+        WindowFile {
+            file: f.try_clone().unwrap(),
+            soc: WIN,
+            len: 1 << 20,
+        },
+    );
+    let (mut session, info) = Session::start(vec![ram_window(&ram), inflight_window]);
+    let Msg::DeviceInfo { protocol, .. } = info else {
+        unreachable!()
+    };
+    assert_ne!(protocol, 0, "an inflight window: inflight tracking offered");
+    let a = &mut session.agent;
+    let region = |host| Msg::Inflight {
+        host,
+        size,
+        num_queues: 1,
+        queue_size: 16,
+    };
+    assert_ne!(a.call(region(RAM + 0x10000)).0, 0, "in no window");
+    assert_eq!(a.call(region(INFLIGHT_HOST + off)).0, 0);
+    let mem = Msg::MemTable(vec![MemRegion {
+        guest: 0,
+        len: RAM,
+        host: 0,
+    }]);
+    assert_eq!(a.call(mem).0, 0);
+    let ring = Vring {
+        queue: 0,
+        size: 16,
+        event_idx: false,
+        desc: DESC,
+        avail: AVAIL,
+        used: USED,
+        base: 0,
+    };
+    assert_eq!(a.call(Msg::Vring(ring)).0, 0);
+    assert_eq!(a.call(Msg::VringStart(0)).0, 0);
+    // No kick: the resubmitted request completes on its own.
+    let t = Instant::now();
+    while used_idx(&ram) < 1 {
+        assert!(t.elapsed() < Duration::from_secs(10), "never resubmitted");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Read it back; the write happened once and only once.
+    request(&ram, 1, false, 8, 0x30000);
+    a.send(Msg::Kick(0));
+    while used_idx(&ram) < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the read never completed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut back = vec![0u8; 512];
+    ram.read_exact_at(&mut back, 0x30000).unwrap();
+    assert_eq!(back, data);
+    let io = session.io_stats.snapshot();
+    let get = |k: &str| io.iter().find(|(n, _)| *n == k).map(|(_, v)| *v).unwrap();
+    assert_eq!((get("writes"), get("reads")), (1, 1));
+    // Completed requests are no longer marked.
+    let mut flag = [9u8];
+    f.read_exact_at(&mut flag, off + 16).unwrap();
+    assert_eq!(flag[0], 0);
+    assert_eq!(session.stats.get(Malformed::Message), 1);
+    session.end();
 }
