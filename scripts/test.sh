@@ -15,6 +15,10 @@
 #   4. scripts/build-aarch64.sh --test    (when CI=true or LEAP_AARCH64=1: cross-builds for
 #      aarch64 and runs every test that needs no guest under qemu-user; LEAP_AARCH64_TEST=0 only
 #      builds)
+#   5. scripts/soc-demo.sh: the SoC modes on emulated hardware (tenant VM + SoC VM + host agent),
+#      fio verify through the window, then the SoC's leapd killed (SIGKILL) and restarted under
+#      the tenant's workload: --mode socvm always with step 3; --mode arm-soc (aarch64 SoC VM,
+#      16 KiB pages) when step 4 runs
 # Env: LEAP_CARGO_TEST_TIMEOUT (s, default 1800) bounds step 2 (status 124 = it timed out).
 #      LEAP_SKIP_GUEST=1 skips step 3 and LEAP_SKIP_FUZZ=1 the fuzzing (neither allowed with
 #      CI=true); LEAP_SKIP_AARCH64=1 skips step 4.
@@ -64,7 +68,7 @@ skipped() {
 }
 
 if [ "$(id -u)" = 0 ]; then
-  step deps env LEAP_INSTALL_ARM64="${LEAP_INSTALL_ARM64:-$aarch64}" scripts/install-deps.sh
+  step deps env LEAP_INSTALL_ARM64="${LEAP_INSTALL_ARM64:-$aarch64}" LEAP_INSTALL_SOC=1 scripts/install-deps.sh
 fi
 
 # rustfmt and clippy come with the machine's rustup toolchain; add them if a machine lacks them.
@@ -97,5 +101,19 @@ fi
 if [ "$aarch64" = 1 ]; then
   if [ "${LEAP_AARCH64_TEST:-1}" = 1 ]; then step aarch64 scripts/build-aarch64.sh --test
   else step aarch64 scripts/build-aarch64.sh; fi
+fi
+
+if [ "${LEAP_SKIP_GUEST:-0}" != 1 ]; then
+  leapd_bin=${LEAPD:-$root/target/release/leapd}
+  step soc-socvm env LEAPD="$leapd_bin" scripts/soc-demo.sh --mode socvm
+  step soc-socvm-crash env LEAPD="$leapd_bin" scripts/soc-demo.sh --mode socvm --crash
+  if [ "$aarch64" = 1 ]; then
+    step soc-arm env LEAPD="$leapd_bin" scripts/soc-demo.sh --mode arm-soc
+    step soc-arm-crash env LEAPD="$leapd_bin" scripts/soc-demo.sh --mode arm-soc --crash
+  else
+    echo
+    echo "==> test.sh [soc-arm] SKIPPED: the ARM SoC demo needs the aarch64 toolchain (CI=true or LEAP_AARCH64=1)"
+    done_steps+=("soc-arm:skipped")
+  fi
 fi
 current=""

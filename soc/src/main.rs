@@ -121,7 +121,13 @@ fn default_queues() -> u16 {
 }
 
 fn serve(a: ServeArgs) -> Result<(), String> {
-    let platform = platform::select(a.mode, &a.window)?;
+    let mode = if a.mode == platform::Mode::Auto && a.socket.is_some() {
+        log::info!("mode auto: --socket given (a vhost-user socket served here): host mode");
+        platform::Mode::Host
+    } else {
+        a.mode
+    };
+    let platform = platform::select(mode, &a.window)?;
     let soc = !platform.windows().is_empty();
     if soc && a.socket.is_some() {
         return Err(format!(
