@@ -74,6 +74,7 @@ pub mod inflight;
 pub mod queue;
 pub mod region;
 pub mod relay;
+mod ring_order;
 pub mod server;
 pub mod soc;
 pub mod stats;
