@@ -126,19 +126,23 @@ struct Session {
     soc: std::thread::JoinHandle<Result<(), String>>,
 }
 
+/// A one-queue device context on a 1 MiB RAM disk.
+fn ram_disk_context() -> DeviceContext {
+    let disk: Arc<dyn Backend> = Arc::new(RamBackend::new(1 << 20, 512).unwrap());
+    DeviceContext {
+        ns: Namespace::new(disk),
+        pollers: Arc::new(spawn_pollers(1, "soc-poller")),
+        config: DeviceConfig::default(),
+        stats: Arc::new(VhostStats::default()),
+        io_stats: Arc::new(DeviceIoStats::new(1)),
+        writeback: true,
+    }
+}
+
 impl Session {
     fn start(windows: Vec<(Window, WindowFile)>) -> (Session, Msg) {
-        let stats = Arc::new(VhostStats::default());
-        let io_stats = Arc::new(DeviceIoStats::new(1));
-        let disk: Arc<dyn Backend> = Arc::new(RamBackend::new(1 << 20, 512).unwrap());
-        let ctx = DeviceContext {
-            ns: Namespace::new(disk),
-            pollers: Arc::new(spawn_pollers(1, "soc-poller")),
-            config: DeviceConfig::default(),
-            stats: stats.clone(),
-            io_stats: io_stats.clone(),
-            writeback: true,
-        };
+        let ctx = ram_disk_context();
+        let (stats, io_stats) = (ctx.stats.clone(), ctx.io_stats.clone());
         let (w, f) = windows.into_iter().unzip();
         let dev = SocDevice::new(ctx, w, f).unwrap();
         let (ours, theirs) = UnixStream::pair().unwrap();
@@ -581,4 +585,24 @@ fn inflight_regions_through_a_window_resubmit_what_was_left() {
     assert_eq!(flag[0], 0);
     assert_eq!(session.stats.get(Malformed::Message), 1);
     session.end();
+}
+
+/// An agent that goes silent (a crashed host, a half-open connection) loses its session: the
+/// SoC stops waiting for it and is free for the next agent.
+#[test]
+fn a_silent_agent_loses_its_session() {
+    let ram = memfd(RAM);
+    let (w, f) = ram_window(&ram);
+    let mut dev = SocDevice::new(ram_disk_context(), vec![w], vec![f]).unwrap();
+    let (_agent, mut theirs) = UnixStream::pair().unwrap();
+    let t = Instant::now();
+    let r = leap_vhost::soc::serve_within(
+        &mut theirs,
+        &mut dev,
+        &AtomicBool::new(false),
+        Duration::from_millis(300),
+    );
+    let e = r.unwrap_err();
+    assert!(e.contains("silent"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(5));
 }

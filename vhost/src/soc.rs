@@ -340,12 +340,27 @@ impl SocDevice {
     }
 }
 
-/// Serves one agent session on `stream` until the agent goes away or `stop` is set: sends the
-/// greeting, answers every message, and turns completion signals into Call messages.
+/// How long an agent may stay silent before its session is ended: `leapd agent` sends a
+/// KeepAlive every 2 s, so silence means it is gone (a crashed host, a half-open connection).
+pub const AGENT_SILENCE: Duration = Duration::from_secs(15);
+
+/// Serves one agent session on `stream` until the agent goes away (closes the connection, or
+/// is silent for [`AGENT_SILENCE`]) or `stop` is set: sends the greeting, answers every message,
+/// and turns completion signals into Call messages.
 pub fn serve<S: Read + Write + AsRawFd>(
     stream: &mut S,
     dev: &mut SocDevice,
     stop: &AtomicBool,
+) -> Result<(), String> {
+    serve_within(stream, dev, stop, AGENT_SILENCE)
+}
+
+/// [`serve`], with the agent allowed `silence` between messages.
+pub fn serve_within<S: Read + Write + AsRawFd>(
+    stream: &mut S,
+    dev: &mut SocDevice,
+    stop: &AtomicBool,
+    silence: Duration,
 ) -> Result<(), String> {
     let mut out = Vec::new();
     for m in dev.greeting() {
@@ -354,9 +369,16 @@ pub fn serve<S: Read + Write + AsRawFd>(
     stream.write_all(&out).map_err(|e| format!("send: {e}"))?;
     let mut framer = Framer::default();
     let mut buf = vec![0u8; 16 << 10];
+    let mut heard = std::time::Instant::now();
     let result = loop {
         if stop.load(Ordering::Acquire) {
             break Ok(());
+        }
+        if heard.elapsed() > silence {
+            break Err(format!(
+                "the agent has been silent for {:.1} s: ending its session",
+                silence.as_secs_f64()
+            ));
         }
         let mut fds = vec![libc::pollfd {
             fd: stream.as_raw_fd(),
@@ -385,7 +407,11 @@ pub fn serve<S: Read + Write + AsRawFd>(
             }
         }
         if fds[0].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
-            match stream.read(&mut buf) {
+            let got = stream.read(&mut buf);
+            if matches!(got, Ok(n) if n > 0) {
+                heard = std::time::Instant::now();
+            }
+            match got {
                 Ok(0) => break Ok(()),
                 Ok(n) => match framer.push(&buf[..n]) {
                     Ok(msgs) => {
