@@ -39,6 +39,10 @@ pub struct BenchArgs {
     /// Microseconds the poller spins idle before sleeping.
     #[arg(long, value_name = "US", default_value_t = 100)]
     idle_spin_us: u64,
+    /// Bounce request data through local buffers, as the SoC modes do for window memory (the
+    /// Host DRAM → SoC DRAM hop); rows are named `BACKEND+bounce`.
+    #[arg(long)]
+    bounce: bool,
 }
 
 /// One case's results.
@@ -118,7 +122,16 @@ fn run_case(backend_name: &str, qd: u16, a: &BenchArgs) -> Result<Row, String> {
     if let DiskKind::File(p) = &spec.kind {
         warn_if_sparse(p, backend_name);
     }
-    let backend = crate::serve::open_backend(&spec, 512)?;
+    let mut backend = crate::serve::open_backend(&spec, 512)?;
+    if a.bounce {
+        backend = Arc::new(
+            leap_runtime::backend::BounceBackend::new(
+                backend,
+                crate::serve::BOUNCE_MAX_TRANSFER,
+            )
+            .map_err(|e| e.to_string())?,
+        );
+    }
     let backend_ref = backend.clone();
     let size = backend.info().size;
     let platform = crate::platform::detect();
@@ -303,7 +316,11 @@ fn run_case(backend_name: &str, qd: u16, a: &BenchArgs) -> Result<Row, String> {
         return Err(format!("{errors} requests failed during the run"));
     }
     Ok(Row {
-        backend: backend_name.to_string(),
+        backend: if a.bounce {
+            format!("{backend_name}+bounce")
+        } else {
+            backend_name.to_string()
+        },
         qd,
         iops: done as f64 / elapsed.as_secs_f64(),
         mean_us: hist.sum_ns as f64 / hist.count.max(1) as f64 / 1000.0,

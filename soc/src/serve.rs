@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Largest request through a window's bounce buffers (the virtio config says so to the guest).
-const BOUNCE_MAX_TRANSFER: u32 = 128 << 10;
+pub(crate) const BOUNCE_MAX_TRANSFER: u32 = 128 << 10;
 
 /// Everything `serve` needs, after defaults are applied.
 #[derive(Clone, Debug)]
