@@ -10,11 +10,14 @@
 #               memory; and the agent's inflight file as a second one. leapd serves its local SSD
 #               (an emulated NVMe drive) through them.
 #
-#   scripts/soc-demo.sh --mode socvm|arm-soc [--crash] [--keep]
+#   scripts/soc-demo.sh --mode socvm|arm-soc [--crash | --crash-agent] [--keep]
 #
 # --crash: the tenant runs the crash workload (a verified writer and a reader); 3 s in, leapd in
 #          the SoC VM is killed with SIGKILL and started again. The tenant must see a stall, not
 #          an error: the inflight region travels through the agent.
+# --crash-agent: the same workload; 3 s in, the host agent is killed with SIGKILL and started
+#          again: the SoC ends the old session (its rings drain), QEMU reconnects to the new agent
+#          and hands it the inflight region, and the tenant again sees only a stall.
 # --keep:  keep the work directory (logs, SSD image) under target/soc/.
 #
 # Prints one line and exits 0 only if everything held:
@@ -28,11 +31,12 @@ set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-mode="" crash=0 keep=0
+mode="" crash=0 keep=0 victim=soc
 while [ $# -gt 0 ]; do
   case "$1" in
     --mode) mode=$2; shift 2 ;;
     --crash) crash=1; shift ;;
+    --crash-agent) crash=1 victim=agent; shift ;;
     --keep) keep=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "soc-demo: unknown argument '$1' (see --help)" >&2; exit 2 ;;
@@ -109,11 +113,14 @@ mkdir -p "$work/env/job"
 cat "$socdir/soc.cpio.gz" "$work/env.cpio.gz" > "$work/soc-initrd.cpio.gz"
 
 # The agent first: it creates the inflight file the SoC VM maps, then waits for the SoC.
-"$leapd" agent --socket "$sock" --window-file "$ram" --inflight-file "$inflight" \
-  --soc "127.0.0.1:$port" >"$work/agent.log" 2>&1 &
-agent_pid=$!
-for ((i = 0; i < 100; i++)); do [ -S "$sock" ] && break; sleep 0.1; done
-[ -S "$sock" ] || { cat "$work/agent.log" >&2; die "the agent did not create $sock"; }
+start_agent() {
+  "$leapd" agent --socket "$sock" --window-file "$ram" --inflight-file "$inflight" \
+    --soc "127.0.0.1:$port" >>"$work/agent.log" 2>&1 &
+  agent_pid=$!
+  for ((i = 0; i < 100; i++)); do [ -S "$sock" ] && break; sleep 0.1; done
+  [ -S "$sock" ] || { cat "$work/agent.log" >&2; die "the agent did not create $sock"; }
+}
+start_agent
 
 if [ "$arch" = x86_64 ]; then
   machine=(-machine q35 -cpu max) console=ttyS0
@@ -161,9 +168,17 @@ if [ "$crash" = 1 ]; then
     sleep 0.1
   done
   sleep 3
-  # The SoC VM's job kills its leapd on a connection to this port, then starts it again.
-  exec 3<>"/dev/tcp/127.0.0.1/$killport" && exec 3>&- || die "could not reach the SoC VM's kill port"
-  log "asked the SoC VM to kill leapd (SIGKILL) mid-workload"
+  if [ "$victim" = soc ]; then
+    # The SoC VM's job kills its leapd on a connection to this port, then starts it again.
+    exec 3<>"/dev/tcp/127.0.0.1/$killport" && exec 3>&- || die "could not reach the SoC VM's kill port"
+    log "asked the SoC VM to kill leapd (SIGKILL) mid-workload"
+  else
+    kill -KILL "$agent_pid"
+    wait "$agent_pid" 2>/dev/null || true
+    log "killed the agent (SIGKILL) mid-workload; starting it again"
+    sleep 1
+    start_agent
+  fi
 fi
 verify=PASS
 wait "$tenant_pid" || verify=FAIL
@@ -198,14 +213,19 @@ window_bytes=${window_bytes:-0}
 resubmitted=$({ grep -o "resubmitting [0-9]* request" "$work/soc.log" || true; } | awk '{ s += $2 } END { print s + 0 }')
 
 extra=""
-[ "$crash" = 0 ] || extra=" crash=1 resubmitted=$resubmitted"
+[ "$crash" = 0 ] || extra=" crash=$victim resubmitted=$resubmitted"
 echo "soc-demo mode=$mode verify=$verify window_bytes=$window_bytes agent_data_bytes=$mapped$extra"
 [ "$verify" = PASS ] || exit 1
 [ "$mapped" = 0 ] || die "the agent mapped $mapped bytes of the tenant's memory"
 [ "$window_bytes" -gt 0 ] || die "no request data went through the SoC's window"
-if [ "$crash" = 1 ]; then
+if [ "$crash" = 1 ] && [ "$victim" = soc ]; then
   grep -q "killed leapd" "$work/soc.log" || die "the SoC's leapd was never killed"
   [ "$resubmitted" -gt 0 ] || die "the restarted leapd resubmitted nothing: the crash hit no request in flight"
+fi
+if [ "$crash" = 1 ] && [ "$victim" = agent ]; then
+  [ "$(grep -c "host agent .* connected" "$work/soc.log")" -ge 2 ] || die "the SoC never served the restarted agent"
+fi
+if [ "$crash" = 1 ]; then
   # What the tenant wrote is on the SoC's SSD (the emulated NVMe drive's image).
   fio --name=w --filename="$work/ssd.img" --rw=randwrite --bs=4k --offset=0 --size=4M \
     --randrepeat=1 --verify=crc32c --verify_fatal=1 --verify_only=1 --ioengine=psync \

@@ -17,8 +17,8 @@
 #      builds)
 #   5. scripts/soc-demo.sh: the SoC modes on emulated hardware (tenant VM + SoC VM + host agent),
 #      fio verify through the window, then the SoC's leapd killed (SIGKILL) and restarted under
-#      the tenant's workload: --mode socvm always with step 3; --mode arm-soc (aarch64 SoC VM,
-#      16 KiB pages) when step 4 runs
+#      the tenant's workload: --mode socvm always with step 3 (also with the agent killed and
+#      restarted); --mode arm-soc (aarch64 SoC VM, 16 KiB pages) when step 4 runs
 # Env: LEAP_CARGO_TEST_TIMEOUT (s, default 1800) bounds step 2 (status 124 = it timed out).
 #      LEAP_SKIP_GUEST=1 skips step 3 and LEAP_SKIP_FUZZ=1 the fuzzing (neither allowed with
 #      CI=true); LEAP_SKIP_AARCH64=1 skips step 4.
@@ -107,6 +107,7 @@ if [ "${LEAP_SKIP_GUEST:-0}" != 1 ]; then
   leapd_bin=${LEAPD:-$root/target/release/leapd}
   step soc-socvm env LEAPD="$leapd_bin" scripts/soc-demo.sh --mode socvm
   step soc-socvm-crash env LEAPD="$leapd_bin" scripts/soc-demo.sh --mode socvm --crash
+  step soc-socvm-agent-crash env LEAPD="$leapd_bin" scripts/soc-demo.sh --mode socvm --crash-agent
   if [ "$aarch64" = 1 ]; then
     step soc-arm env LEAPD="$leapd_bin" scripts/soc-demo.sh --mode arm-soc
     step soc-arm-crash env LEAPD="$leapd_bin" scripts/soc-demo.sh --mode arm-soc --crash

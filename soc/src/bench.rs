@@ -125,11 +125,8 @@ fn run_case(backend_name: &str, qd: u16, a: &BenchArgs) -> Result<Row, String> {
     let mut backend = crate::serve::open_backend(&spec, 512)?;
     if a.bounce {
         backend = Arc::new(
-            leap_runtime::backend::BounceBackend::new(
-                backend,
-                crate::serve::BOUNCE_MAX_TRANSFER,
-            )
-            .map_err(|e| e.to_string())?,
+            leap_runtime::backend::BounceBackend::new(backend, crate::serve::BOUNCE_MAX_TRANSFER)
+                .map_err(|e| e.to_string())?,
         );
     }
     let backend_ref = backend.clone();

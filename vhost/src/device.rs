@@ -547,6 +547,12 @@ pub(crate) fn start_ring(
             ctx.io_stats.queue(q),
         )
         .map_err(|e| format!("queue {q}: cannot attach to a poller: {e}"))?;
+    // The guest may wait for an interrupt nobody will send: a predecessor (or the host agent
+    // relaying its signals) died between publishing completions and signalling them. One
+    // interrupt at start ends that wait; virtio drivers take spurious interrupts in their stride.
+    if let Err(e) = p.call.signal() {
+        log::debug!("queue {q}: start signal: {e}");
+    }
     log::debug!("queue {q} ({} entries) started on poller {pi}", p.size);
     Ok((pi, id))
 }
