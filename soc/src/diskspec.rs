@@ -113,6 +113,29 @@ pub struct DiskSpec {
     pub limits: leap_runtime::throttle::Limits,
 }
 
+impl DiskSpec {
+    /// A short description for messages: `file x.img (1 GiB to create)`, `ram (64 MiB)`, ...
+    pub fn describe(&self) -> String {
+        let size = |s: Option<u64>| s.map(|b| format!(" ({} MiB)", b >> 20)).unwrap_or_default();
+        let mut out = match &self.kind {
+            DiskKind::File(p) => format!("file {}{}", p.display(), size(self.size)),
+            DiskKind::Null => format!("null{}", size(self.size)),
+            DiskKind::Ram => format!("ram{}", size(self.size)),
+            DiskKind::NvmeTcp(t) => format!("nvme-tcp://{}/{}/{}", t.addr, t.nqn, t.nsid),
+        };
+        if self.read_only {
+            out.push_str(", read-only");
+        }
+        if self.direct {
+            out.push_str(", O_DIRECT");
+        }
+        if self.limits.any() {
+            out.push_str(", rate-limited");
+        }
+        out
+    }
+}
+
 /// Parses sizes like `8G`, `512M`, `4k`, `1T`, `4096` (binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();

@@ -2,6 +2,7 @@
 
 mod agent;
 mod bench;
+mod config;
 mod diskspec;
 mod platform;
 mod serve;
@@ -34,6 +35,11 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Export disks over NVMe/TCP as the namespaces of one subsystem (with a discovery service).
     Target(target::TargetArgs),
+    /// Check a configuration file (`leapd serve --config`) and print what it would serve.
+    CheckConfig {
+        /// The file.
+        file: PathBuf,
+    },
     /// The host agent of the SoC modes: terminates vhost-user for the hypervisor and relays only
     /// control to `leapd serve --mode socvm|arm-soc` (no request data passes through it).
     Agent(agent::AgentArgs),
@@ -54,6 +60,10 @@ struct ServeArgs {
     /// For tests and for a SoC-mode leapd on the host itself.
     #[arg(long, value_name = "FILE")]
     window: Vec<PathBuf>,
+    /// Serve the disks (and poller options) of a configuration file (docs/leapd.example.toml)
+    /// instead of one disk from the command line.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket", "disk", "queues", "no_inflight"])]
+    config: Option<PathBuf>,
     /// Unix socket to listen on (host mode).
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
@@ -113,7 +123,7 @@ pub(crate) fn parse_mode(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("bad socket mode `{s}`: use octal like 0600"))
 }
 
-fn default_queues() -> u16 {
+pub(crate) fn default_queues() -> u16 {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -135,64 +145,110 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             platform.name()
         ));
     }
-    let embedded = a.socket.is_none() && a.disk.is_none();
-    let (socket, disk) = match (a.socket, a.disk) {
-        (Some(s), Some(d)) => (s, d),
-        (None, Some(d)) if soc => (PathBuf::new(), d),
-        (None, None) => {
-            let dir = PathBuf::from("leapd-data");
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            let img = dir.join("disk0.img");
-            let size = if img.exists() { None } else { Some(8u64 << 30) };
-            if size.is_some() {
-                log::info!("creating {} (8 GiB, sparse)", img.display());
+    let embedded = a.config.is_none() && a.socket.is_none() && a.disk.is_none();
+    let mut poll = a.poll;
+    let disks = if let Some(file) = &a.config {
+        let c = config::load(file)?;
+        // The file's [pollers] settings win over the command line's.
+        poll.pollers = c.pollers.count.or(poll.pollers);
+        poll.idle_spin_us = c.pollers.idle_spin_us.unwrap_or(poll.idle_spin_us);
+        poll.pin |= c.pollers.pin;
+        if let Some(cores) = c.cores {
+            poll.cores = Some(serve::CoreList(cores));
+        }
+        c.disks
+    } else {
+        let (socket, spec) = match (a.socket, a.disk) {
+            (Some(s), Some(d)) => (s, d),
+            (None, Some(d)) if soc => (PathBuf::new(), d),
+            (None, None) => {
+                let dir = PathBuf::from("leapd-data");
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                let img = dir.join("disk0.img");
+                let size = if img.exists() { None } else { Some(8u64 << 30) };
+                if size.is_some() {
+                    log::info!("creating {} (8 GiB, sparse)", img.display());
+                }
+                let disk = DiskSpec {
+                    kind: diskspec::DiskKind::File(img),
+                    size,
+                    direct: false,
+                    read_only: false,
+                    limits: Default::default(),
+                };
+                (dir.join("disk0.sock"), disk)
             }
-            let disk = DiskSpec {
-                kind: diskspec::DiskKind::File(img),
-                size,
-                direct: false,
-                read_only: false,
-                limits: Default::default(),
-            };
-            (dir.join("disk0.sock"), disk)
-        }
-        (None, Some(_)) => {
-            return Err("--disk needs --socket too (or give neither for the default disk)".into())
-        }
-        (Some(_), None) => {
-            return Err("--socket needs --disk too (or give neither for the default disk)".into())
-        }
+            (None, Some(_)) => {
+                return Err(
+                    "--disk needs --socket too (or give neither for the default disk)".into(),
+                )
+            }
+            (Some(_), None) => {
+                return Err(
+                    "--socket needs --disk too (or give neither for the default disk)".into(),
+                )
+            }
+        };
+        vec![config::Disk {
+            name: "disk0".into(),
+            socket,
+            spec,
+            queues: a.queues.unwrap_or_else(default_queues),
+            block_size: a.block_size,
+            inflight: !a.no_inflight,
+            socket_mode: a.socket_mode,
+        }]
     };
+    for d in &disks {
+        if let Some(dir) = d.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("disk `{}`: cannot create {}: {e}", d.name, dir.display()))?;
+        }
+    }
     let opts = serve::ServeOptions {
-        socket,
-        disk,
-        queues: a.queues.unwrap_or_else(default_queues),
-        block_size: a.block_size,
-        socket_mode: a.socket_mode,
-        inflight: !a.no_inflight,
-        pollers: a.poll.pollers.map(|p| p as usize),
-        idle_spin: Duration::from_micros(a.poll.idle_spin_us),
-        pin: a.poll.pin,
-        cores: a.poll.cores.map(|c| c.0),
+        disks,
+        pollers: poll.pollers.map(|p| p as usize),
+        idle_spin: Duration::from_micros(poll.idle_spin_us),
+        pin: poll.pin,
+        cores: poll.cores.map(|c| c.0),
         listen: a.listen,
     };
     serve::run(&*platform, &opts, |o| print_attach(o, embedded))
 }
 
-/// Prints the QEMU arguments that attach the served disk.
+fn check_config(file: &std::path::Path) -> Result<(), String> {
+    let c = config::load(file)?;
+    for d in &c.disks {
+        println!(
+            "disk {}: {} on {} ({} queue(s), {}-byte blocks)",
+            d.name,
+            d.spec.describe(),
+            d.socket.display(),
+            d.queues,
+            d.block_size
+        );
+    }
+    println!("{}: OK, {} disk(s)", file.display(), c.disks.len());
+    Ok(())
+}
+
+/// Prints the QEMU arguments that attach the served disks.
 fn print_attach(o: &serve::ServeOptions, embedded: bool) {
-    let sock = std::fs::canonicalize(&o.socket).unwrap_or_else(|_| o.socket.clone());
     if embedded {
         println!("leapd: serving the default disk; stop with Ctrl-C.");
     }
-    println!("leapd: attach it to a QEMU guest with:");
-    println!(
-        "  -object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem -m 1G \\\n  \
-         -chardev socket,id=leap0,path={},reconnect-ms=1000 -device vhost-user-blk-pci,chardev=leap0,num-queues={}",
-        sock.display(),
-        o.queues
-    );
+    for d in &o.disks {
+        let sock = std::fs::canonicalize(&d.socket).unwrap_or_else(|_| d.socket.clone());
+        println!("leapd: attach disk {} to a QEMU guest with:", d.name);
+        println!(
+            "  -object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem -m 1G \\\n  \
+             -chardev socket,id={0},path={1},reconnect-ms=1000 -device vhost-user-blk-pci,chardev={0},num-queues={2}",
+            d.name,
+            sock.display(),
+            d.queues
+        );
+    }
     use std::io::Write;
     let _ = std::io::stdout().flush();
 }
@@ -207,6 +263,7 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Target(a) => target::run(&*platform::detect(), a),
         Cmd::Agent(a) => agent::run(a),
+        Cmd::CheckConfig { file } => check_config(&file),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

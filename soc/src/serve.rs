@@ -10,7 +10,6 @@ use leap_runtime::backend::{
 use leap_runtime::nvmf::initiator::{InitiatorConfig, NvmeTcpBackend};
 use leap_runtime::{DeviceIoStats, Namespace, Poller, PollerConfig};
 use leap_vhost::{DeviceConfig, DeviceContext, Server, VhostStats};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,18 +20,8 @@ pub(crate) const BOUNCE_MAX_TRANSFER: u32 = 128 << 10;
 /// Everything `serve` needs, after defaults are applied.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
-    /// The socket path.
-    pub socket: PathBuf,
-    /// The disk.
-    pub disk: DiskSpec,
-    /// Number of virtqueues offered.
-    pub queues: u16,
-    /// Logical block size.
-    pub block_size: u32,
-    /// Socket permissions.
-    pub socket_mode: u32,
-    /// Offer inflight I/O tracking.
-    pub inflight: bool,
+    /// The disks (host mode: any number, each on its socket; SoC modes: exactly one).
+    pub disks: Vec<crate::config::Disk>,
     /// Number of poller threads (None: one per queue, at most one per CPU).
     pub pollers: Option<usize>,
     /// How long a poller spins idle before sleeping.
@@ -248,95 +237,194 @@ fn format_cores(c: &[usize]) -> String {
     out.join(",")
 }
 
+/// One disk's device, ready to serve.
+struct Served {
+    disk: crate::config::Disk,
+    backend: Arc<dyn Backend>,
+    bounce: Option<Arc<BounceBackend>>,
+    ctx: DeviceContext,
+}
+
 /// Serves until a signal arrives. Prints `how_to_attach` once listening (host mode).
 pub fn run(
     platform: &dyn Platform,
     o: &ServeOptions,
     how_to_attach: impl FnOnce(&ServeOptions),
 ) -> Result<(), String> {
+    let soc = !platform.windows().is_empty();
+    if soc && o.disks.len() != 1 {
+        return Err(format!(
+            "{} mode serves one disk per leapd (got {})",
+            platform.name(),
+            o.disks.len()
+        ));
+    }
     let signals = crate::signals::block_termination()?;
-    let inner = open_backend(&o.disk, o.block_size)?;
-    // Through a window, the back end never sees window addresses: data is bounced.
-    let bounce = if platform.windows().is_empty() {
-        None
-    } else {
-        Some(Arc::new(
-            BounceBackend::new(inner.clone(), BOUNCE_MAX_TRANSFER).map_err(|e| e.to_string())?,
-        ))
-    };
-    let backend: Arc<dyn Backend> = match &bounce {
-        Some(b) => b.clone(),
-        None => inner.clone(),
-    };
-    let ns = Namespace::with_limits(backend.clone(), &o.disk.limits);
+    let total_queues: usize = o.disks.iter().map(|d| d.queues as usize).sum();
     let cpus = platform.poller_cpus().len().max(1);
-    let placement = Placement::from_args(
-        o.cores.as_deref(),
-        o.pollers,
-        o.pin,
-        (o.queues as usize).min(cpus),
-    )?;
+    let placement =
+        Placement::from_args(o.cores.as_deref(), o.pollers, o.pin, total_queues.min(cpus))?;
     let npollers = placement.count();
+    // Every back end opens before anything is served: a broken disk is an error at start.
+    let mut opened = Vec::new();
+    for d in &o.disks {
+        let inner =
+            open_backend(&d.spec, d.block_size).map_err(|e| format!("disk `{}`: {e}", d.name))?;
+        // Through a window, the back end never sees window addresses: data is bounced.
+        let bounce = if soc {
+            Some(Arc::new(
+                BounceBackend::new(inner.clone(), BOUNCE_MAX_TRANSFER)
+                    .map_err(|e| format!("disk `{}`: {e}", d.name))?,
+            ))
+        } else {
+            None
+        };
+        opened.push((d.clone(), inner, bounce));
+    }
     let pollers = start_pollers(platform, &placement, o.idle_spin)?;
-    let ctx = DeviceContext {
-        ns,
-        pollers: pollers.clone(),
-        config: DeviceConfig {
-            num_queues: o.queues,
-            inflight: o.inflight,
-            ..DeviceConfig::default()
-        },
-        stats: Arc::new(VhostStats::default()),
-        io_stats: Arc::new(DeviceIoStats::new(o.queues as usize)),
-        writeback: true,
+    let mut first_poller = 0;
+    let served: Vec<Served> = opened
+        .into_iter()
+        .map(|(disk, inner, bounce)| {
+            let backend: Arc<dyn Backend> = match &bounce {
+                Some(b) => b.clone(),
+                None => inner,
+            };
+            let ctx = DeviceContext {
+                ns: Namespace::with_limits(backend.clone(), &disk.spec.limits),
+                pollers: pollers.clone(),
+                config: DeviceConfig {
+                    num_queues: disk.queues,
+                    inflight: disk.inflight,
+                    first_poller,
+                    ..DeviceConfig::default()
+                },
+                stats: Arc::new(VhostStats::default()),
+                io_stats: Arc::new(DeviceIoStats::new(disk.queues as usize)),
+                writeback: true,
+            };
+            first_poller += disk.queues as usize;
+            Served {
+                disk,
+                backend,
+                bounce,
+                ctx,
+            }
+        })
+        .collect();
+    let describe = |s: &Served| {
+        let info = s.backend.info();
+        format!(
+            "disk {}: {} ({} bytes, {}-byte blocks{}) with {} queue(s)",
+            s.disk.name,
+            s.backend.kind(),
+            info.size,
+            info.block_size,
+            if info.read_only { ", read-only" } else { "" },
+            s.disk.queues,
+        )
     };
-    let info = backend.info();
-    let serving = format!(
-        "{} ({} bytes, {}-byte blocks{}) with {} queue(s), {} poller(s), platform {} ({} KiB pages)",
-        backend.kind(),
-        info.size,
-        info.block_size,
-        if info.read_only { ", read-only" } else { "" },
-        o.queues,
+    let platform_line = format!(
+        "{} poller(s), platform {} ({} KiB pages)",
         npollers,
         platform.name(),
         platform.page_size() >> 10
     );
-    let r = match &bounce {
-        None => {
-            let mut server =
-                Server::bind(&o.socket, o.socket_mode, ctx.clone()).map_err(|e| e.to_string())?;
-            let stop = server.stop_handle();
-            let sig_thread = crate::signals::on_termination(signals, move |sig| {
-                log::info!("{sig}: finishing in-flight I/O and stopping");
-                stop.stop();
-            })?;
-            log::info!("serving {serving} on {}", o.socket.display());
+    let r = if let Some(b) = &served[0].bounce {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let sig_thread = crate::signals::on_termination(signals, move |sig| {
+            log::info!("{sig}: finishing in-flight I/O and stopping");
+            s.store(true, Ordering::Release);
+        })?;
+        log::info!(
+            "serving {}, {platform_line}, to host agents on {}",
+            describe(&served[0]),
+            o.listen
+        );
+        let r = serve_agents(platform, &o.listen, &served[0].ctx, b, &stop);
+        drop(sig_thread);
+        r
+    } else {
+        let lines: Vec<String> = served
+            .iter()
+            .map(|s| {
+                format!(
+                    "serving {} on {} ({platform_line})",
+                    describe(s),
+                    s.disk.socket.display()
+                )
+            })
+            .collect();
+        serve_sockets(&served, signals, || {
+            for l in &lines {
+                log::info!("{l}");
+            }
             how_to_attach(o);
-            let r = server.run().map_err(|e| e.to_string());
-            drop(server); // removes the socket
-            drop(sig_thread);
-            r
-        }
-        Some(b) => {
-            let stop = Arc::new(AtomicBool::new(false));
-            let s = stop.clone();
-            let sig_thread = crate::signals::on_termination(signals, move |sig| {
-                log::info!("{sig}: finishing in-flight I/O and stopping");
-                s.store(true, Ordering::Release);
-            })?;
-            log::info!("serving {serving} to host agents on {}", o.listen);
-            let r = serve_agents(platform, &o.listen, &ctx, b, &stop);
-            drop(sig_thread);
-            r
-        }
+        })
     };
     // Pollers drain in-flight work when dropped; then make the data durable.
-    drop(ctx);
+    let backends: Vec<(String, Arc<dyn Backend>)> = served
+        .iter()
+        .map(|s| (s.disk.name.clone(), s.backend.clone()))
+        .collect();
+    drop(served);
     drop(pollers);
-    leap_runtime::backend::sync(&*backend).map_err(|e| format!("final {e}"))?;
+    for (name, b) in backends {
+        leap_runtime::backend::sync(&*b).map_err(|e| format!("disk `{name}`: final {e}"))?;
+    }
     log::info!("stopped cleanly");
     r
+}
+
+/// Host mode: each disk on its own vhost-user socket, served from its own thread; one signal
+/// stops them all. A disk whose server fails is logged and the others go on. `listening` runs
+/// once every socket is bound.
+fn serve_sockets(
+    served: &[Served],
+    signals: nix::sys::signal::SigSet,
+    listening: impl FnOnce(),
+) -> Result<(), String> {
+    let mut servers = Vec::new();
+    for s in served {
+        let server = Server::bind(&s.disk.socket, s.disk.socket_mode, s.ctx.clone())
+            .map_err(|e| format!("disk `{}`: {e}", s.disk.name))?;
+        servers.push((s.disk.name.clone(), server));
+    }
+    let stops: Vec<leap_vhost::StopHandle> = servers.iter().map(|(_, s)| s.stop_handle()).collect();
+    let sig_thread = crate::signals::on_termination(signals, move |sig| {
+        log::info!("{sig}: finishing in-flight I/O and stopping");
+        for h in &stops {
+            h.stop();
+        }
+    })?;
+    listening();
+    let mut threads = Vec::new();
+    for (name, mut server) in servers {
+        let t = std::thread::Builder::new()
+            .name(format!("leap-disk-{name}"))
+            .spawn(move || {
+                let r = server.run();
+                if let Err(e) = &r {
+                    log::error!("disk `{name}`: {e}; the other disks go on");
+                }
+                drop(server); // removes the socket
+                r.map_err(|e| format!("disk `{name}`: {e}"))
+            })
+            .map_err(|e| format!("cannot start a disk thread: {e}"))?;
+        threads.push(t);
+    }
+    let mut first_err = None;
+    for t in threads {
+        let r = t
+            .join()
+            .unwrap_or_else(|_| Err("a disk thread panicked".into()));
+        if let Err(e) = r {
+            first_err.get_or_insert(e);
+        }
+    }
+    drop(sig_thread);
+    first_err.map_or(Ok(()), Err)
 }
 
 /// The SoC modes: one host agent session at a time on `listen` (TCP), each served through the

@@ -41,6 +41,9 @@ pub struct DeviceConfig {
     /// Offer inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), so a restarted leapd
     /// resubmits what a crashed one held. Off only to show what goes wrong without it.
     pub inflight: bool,
+    /// The poller of queue 0; queue q runs on poller (first_poller + q) mod pollers, so the
+    /// queues of several disks sharing pollers spread over all of them.
+    pub first_poller: usize,
 }
 
 impl Default for DeviceConfig {
@@ -52,6 +55,7 @@ impl Default for DeviceConfig {
             size_max: 256 << 10,
             max_discard_seg: 32,
             inflight: true,
+            first_poller: 0,
         }
     }
 }
@@ -537,7 +541,7 @@ pub(crate) fn start_ring(
         resubmit,
         stopped_at: p.stopped_at.clone(),
     });
-    let pi = q % ctx.pollers.len();
+    let pi = (ctx.config.first_poller + q) % ctx.pollers.len();
     let id = ctx.pollers[pi]
         .attach(
             Box::new(port),

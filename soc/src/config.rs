@@ -1,0 +1,390 @@
+//! One configuration model for the command line, the configuration file and (later) the control
+//! API: a disk is what `leapd serve` takes on its command line — a name, a vhost-user socket, a
+//! `--disk` spec, queues, block size — and a file lists any number of them with the pollers they
+//! share:
+//!
+//! ```toml
+//! [pollers]                 # optional: shared by every disk
+//! count = 2                 # or: cores = "2-3"
+//! idle_spin_us = 100
+//!
+//! [[disk]]
+//! name = "file0"
+//! socket = "leapd-data/file0.sock"
+//! disk = "leapd-data/file0.img,size=1G"   # the --disk syntax
+//! queues = 2
+//! ```
+//!
+//! Unknown keys are refused, and every error is one line that names the file, the line, the key
+//! or value and what is wrong. Relative paths are relative to the directory leapd runs in.
+
+use crate::diskspec::{DiskKind, DiskSpec};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The configuration file.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The pollers every disk shares.
+    #[serde(default)]
+    pub pollers: Pollers,
+    /// The disks.
+    #[serde(default, rename = "disk")]
+    pub disks: Vec<toml::Spanned<DiskConfig>>,
+}
+
+/// `[pollers]`: the `--pollers`, `--cores`, `--idle-spin-us` and `--pin` options.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pollers {
+    /// Poller threads (default: one per queue of all disks, at most one per CPU).
+    pub count: Option<u16>,
+    /// One pinned poller per listed core (`2-3`, `0,2,4-5`).
+    pub cores: Option<String>,
+    /// Longest idle spin, µs (default 100).
+    pub idle_spin_us: Option<u64>,
+    /// Pin each poller to its own CPU.
+    #[serde(default)]
+    pub pin: bool,
+}
+
+/// `[[disk]]`: one vhost-user-blk disk, as `leapd serve` takes it on its command line.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// A unique name (logs, metrics, the control API).
+    pub name: String,
+    /// The vhost-user socket.
+    pub socket: PathBuf,
+    /// The back end, in the `--disk` syntax.
+    pub disk: String,
+    /// Virtqueues (default: one per CPU, at most 4).
+    pub queues: Option<u16>,
+    /// Logical block size, 512 or 4096 (default 512).
+    pub block_size: Option<u32>,
+    /// Offer inflight I/O tracking (default true).
+    pub inflight: Option<bool>,
+    /// Socket permissions, octal (default "0600").
+    pub socket_mode: Option<String>,
+}
+
+/// A disk after validation.
+#[derive(Clone, Debug)]
+pub struct Disk {
+    /// Its name.
+    pub name: String,
+    /// The socket.
+    pub socket: PathBuf,
+    /// The back end.
+    pub spec: DiskSpec,
+    /// Virtqueues.
+    pub queues: u16,
+    /// Logical block size.
+    pub block_size: u32,
+    /// Inflight tracking offered.
+    pub inflight: bool,
+    /// Socket permissions.
+    pub socket_mode: u32,
+}
+
+impl DiskConfig {
+    /// Checks every value; the error names the disk and the key.
+    pub fn validate(&self) -> Result<Disk, String> {
+        let n = &self.name;
+        if n.is_empty()
+            || n.len() > 64
+            || !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(format!(
+                "name `{n}`: use 1 to 64 letters, digits, `-`, `_` or `.`"
+            ));
+        }
+        let bad = |key: &str, why: String| format!("disk `{n}`: {key}: {why}");
+        if self.socket.as_os_str().is_empty() {
+            return Err(bad("socket", "empty path".into()));
+        }
+        if let Some(dir) = self.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if dir.exists() && !dir.is_dir() {
+                return Err(bad(
+                    "socket",
+                    format!("{} is not a directory", dir.display()),
+                ));
+            }
+        }
+        let spec: DiskSpec = self.disk.parse().map_err(|e| bad("disk", e))?;
+        if let DiskKind::File(p) = &spec.kind {
+            if spec.size.is_none() && !p.exists() {
+                return Err(bad(
+                    "disk",
+                    format!(
+                        "{} does not exist (add `,size=SIZE` to create it)",
+                        p.display()
+                    ),
+                ));
+            }
+        }
+        let queues = match self.queues {
+            None => crate::default_queues(),
+            Some(q @ 1..=32) => q,
+            Some(q) => return Err(bad("queues", format!("{q} is not between 1 and 32"))),
+        };
+        let block_size = match self.block_size {
+            None => 512,
+            Some(b) => crate::parse_block_size(&b.to_string()).map_err(|e| bad("block_size", e))?,
+        };
+        let socket_mode = match &self.socket_mode {
+            None => 0o600,
+            Some(m) => crate::parse_mode(m).map_err(|e| bad("socket_mode", e))?,
+        };
+        Ok(Disk {
+            name: n.clone(),
+            socket: self.socket.clone(),
+            spec,
+            queues,
+            block_size,
+            inflight: self.inflight.unwrap_or(true),
+            socket_mode,
+        })
+    }
+}
+
+/// Line (1-based) of byte offset `at` in `text`.
+fn line_of(text: &str, at: usize) -> usize {
+    text[..at.min(text.len())].matches('\n').count() + 1
+}
+
+/// A checked configuration: its disks and poller options.
+#[derive(Clone, Debug)]
+pub struct Checked {
+    /// The disks, in file order.
+    pub disks: Vec<Disk>,
+    /// The poller options.
+    pub pollers: Pollers,
+    /// `pollers.cores`, parsed.
+    pub cores: Option<Vec<usize>>,
+}
+
+/// Parses and checks configuration `text` read from `path` (for messages). Every error is one
+/// line: `PATH:LINE: what`.
+pub fn parse(path: &Path, text: &str) -> Result<Checked, String> {
+    let where_ = |line: usize| format!("{}:{line}", path.display());
+    let cfg: Config = toml::from_str(text).map_err(|e| {
+        let line = e.span().map_or(1, |s| line_of(text, s.start));
+        format!("{}: {}", where_(line), e.message().trim())
+    })?;
+    let cores = match &cfg.pollers.cores {
+        Some(c) => Some(crate::serve::parse_cores(c).map_err(|e| {
+            let line = text
+                .lines()
+                .position(|l| l.trim_start().starts_with("cores"))
+                .map_or(1, |i| i + 1);
+            format!("{}: pollers.cores: {e}", where_(line))
+        })?),
+        None => None,
+    };
+    if cfg.pollers.count == Some(0) {
+        return Err(format!("{}: pollers.count: must be at least 1", where_(1)));
+    }
+    if cfg.disks.is_empty() {
+        return Err(format!(
+            "{}: no [[disk]] entries: nothing to serve",
+            where_(1)
+        ));
+    }
+    let mut disks = Vec::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut sockets: HashMap<PathBuf, usize> = HashMap::new();
+    for d in &cfg.disks {
+        let line = line_of(text, d.span().start);
+        let disk = d
+            .get_ref()
+            .validate()
+            .map_err(|e| format!("{}: {e}", where_(line)))?;
+        if let Some(first) = names.insert(disk.name.clone(), line) {
+            return Err(format!(
+                "{}: disk `{}`: name already used by the disk at line {first}",
+                where_(line),
+                disk.name
+            ));
+        }
+        let key = normalize(&disk.socket);
+        if let Some(first) = sockets.insert(key, line) {
+            return Err(format!(
+                "{}: disk `{}`: socket {} already used by the disk at line {first}",
+                where_(line),
+                disk.name,
+                disk.socket.display()
+            ));
+        }
+        disks.push(disk);
+    }
+    Ok(Checked {
+        disks,
+        pollers: cfg.pollers,
+        cores,
+    })
+}
+
+/// Reads and checks a configuration file.
+pub fn load(path: &Path) -> Result<Checked, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse(path, &text)
+}
+
+/// `./a/../b.sock` and `b.sock` are the same socket.
+fn normalize(p: &Path) -> PathBuf {
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(p)
+    };
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[pollers]
+count = 2
+idle_spin_us = 50
+
+[[disk]]
+name = "ram0"
+socket = "s/ram0.sock"
+disk = "ram,size=64M"
+queues = 2
+
+[[disk]]
+name = "null0"
+socket = "s/null0.sock"
+disk = "null,size=1G,iops=1000"
+block_size = 4096
+"#;
+
+    #[test]
+    fn a_good_file_checks() {
+        let c = parse(Path::new("leapd.toml"), GOOD).unwrap();
+        assert_eq!(c.disks.len(), 2);
+        assert_eq!(c.disks[0].queues, 2);
+        assert_eq!(c.disks[1].block_size, 4096);
+        assert_eq!(c.disks[1].spec.limits.iops, Some(1000));
+        assert_eq!(c.pollers.count, Some(2));
+    }
+
+    #[test]
+    fn the_example_in_docs_checks() {
+        let text = include_str!("../../docs/leapd.example.toml");
+        let c = parse(Path::new("docs/leapd.example.toml"), text).unwrap();
+        let kinds: Vec<&str> = c
+            .disks
+            .iter()
+            .map(|d| match d.spec.kind {
+                DiskKind::File(_) => "file",
+                DiskKind::Ram => "ram",
+                DiskKind::Null => "null",
+                DiskKind::NvmeTcp(_) => "nvme-tcp",
+            })
+            .collect();
+        assert_eq!(kinds, ["file", "ram", "null"]);
+        for d in &c.disks {
+            assert!(d.socket.starts_with("leapd-data"), "{}", d.socket.display());
+            assert!(d.socket.is_relative());
+        }
+    }
+
+    /// Each broken file gets one line naming the place, the key or value, and what is wrong.
+    #[test]
+    fn broken_files_get_one_line_that_names_the_problem() {
+        let disk = |extra: &str| {
+            format!("[[disk]]\nname = \"d\"\nsocket = \"d.sock\"\ndisk = \"ram\"\n{extra}")
+        };
+        let two = "[[disk]]\nname = \"a\"\nsocket = \"x.sock\"\ndisk = \"ram\"\n\
+                   [[disk]]\nname = \"b\"\nsocket = \"./x.sock\"\ndisk = \"null\"\n";
+        let same_name = "[[disk]]\nname = \"a\"\nsocket = \"x.sock\"\ndisk = \"ram\"\n\
+                         [[disk]]\nname = \"a\"\nsocket = \"y.sock\"\ndisk = \"null\"\n";
+        let cases: Vec<(String, &str)> = vec![
+            (disk("sise = 3\n"), "leapd.toml:5: unknown field `sise`"),
+            (
+                "[pollerz]\ncount = 1\n".into(),
+                "leapd.toml:1: unknown field `pollerz`",
+            ),
+            (
+                disk("queues = 0\n"),
+                "leapd.toml:1: disk `d`: queues: 0 is not between 1 and 32",
+            ),
+            (disk("queues = \"two\"\n"), "leapd.toml:5: invalid type"),
+            (
+                disk("block_size = 1024\n"),
+                "block_size: block size must be 512 or 4096",
+            ),
+            (
+                disk("socket_mode = \"0999\"\n"),
+                "socket_mode: bad socket mode `0999`",
+            ),
+            (
+                "[[disk]]\nname = \"d\"\nsocket = \"d.sock\"\ndisk = \"ram,size=12Q\"\n".into(),
+                "disk `d`: disk: bad size `12Q`",
+            ),
+            (
+                "[[disk]]\nname = \"d\"\nsocket = \"d.sock\"\ndisk = \"ram,colour=red\"\n".into(),
+                "disk `d`: disk: unknown disk option `colour`",
+            ),
+            (
+                "[[disk]]\nname = \"d\"\nsocket = \"d.sock\"\ndisk = \"/nonexistent/x.img\"\n"
+                    .into(),
+                "/nonexistent/x.img does not exist (add `,size=SIZE` to create it)",
+            ),
+            (
+                "[[disk]]\nname = \"d d\"\nsocket = \"d.sock\"\ndisk = \"ram\"\n".into(),
+                "name `d d`: use 1 to 64 letters",
+            ),
+            (
+                "[[disk]]\nname = \"d\"\ndisk = \"ram\"\n".into(),
+                "missing field `socket`",
+            ),
+            (
+                two.into(),
+                "leapd.toml:5: disk `b`: socket ./x.sock already used by the disk at line 1",
+            ),
+            (
+                same_name.into(),
+                "leapd.toml:5: disk `a`: name already used by the disk at line 1",
+            ),
+            ("".into(), "no [[disk]] entries"),
+            (
+                "[pollers]\ncores = \"3-1\"\n".into(),
+                "leapd.toml:2: pollers.cores: '3-1': range runs backwards",
+            ),
+            (
+                "[pollers]\ncount = 0\n".into(),
+                "pollers.count: must be at least 1",
+            ),
+            ("[[disk]\n".into(), "leapd.toml:1: "),
+        ];
+        for (text, want) in &cases {
+            let e = parse(Path::new("leapd.toml"), text)
+                .err()
+                .unwrap_or_else(|| {
+                    panic!("accepted:\n{text}");
+                });
+            assert!(!e.contains('\n'), "more than one line: {e:?}");
+            assert!(e.contains(want), "for\n{text}\nwanted `{want}` in: {e}");
+        }
+    }
+}
