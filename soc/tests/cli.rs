@@ -144,7 +144,7 @@ fn bad_input_gets_one_line_errors() {
             "--disk",
             &format!("{},size=1M", d.join("y.img").display()),
         ],
-        "cannot listen",
+        "cannot create /proc/nope",
     );
     // Core placement: a core leapd may not use, a bad list, a poller count that disagrees.
     let img = format!("{},size=1M", d.join("z.img").display());
