@@ -40,10 +40,13 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct Pollers {
     /// Poller threads (default: one per queue of all disks, at most one per CPU).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub count: Option<u16>,
     /// One pinned poller per listed core (`2-3`, `0,2,4-5`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cores: Option<String>,
     /// Longest idle spin, µs (default 100).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_spin_us: Option<u64>,
     /// Pin each poller to its own CPU.
     #[serde(default)]
@@ -61,12 +64,16 @@ pub struct DiskConfig {
     /// The back end, in the `--disk` syntax.
     pub disk: String,
     /// Virtqueues (default: one per CPU, at most 4).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub queues: Option<u16>,
     /// Logical block size, 512 or 4096 (default 512).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub block_size: Option<u32>,
     /// Offer inflight I/O tracking (default true).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub inflight: Option<bool>,
     /// Socket permissions, octal (default "0600").
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub socket_mode: Option<String>,
 }
 
@@ -87,6 +94,8 @@ pub struct Disk {
     pub inflight: bool,
     /// Socket permissions.
     pub socket_mode: u32,
+    /// What it was configured with (for listing and writing back).
+    pub config: DiskConfig,
 }
 
 impl DiskConfig {
@@ -148,7 +157,27 @@ impl DiskConfig {
             block_size,
             inflight: self.inflight.unwrap_or(true),
             socket_mode,
+            config: self.clone(),
         })
+    }
+}
+
+/// A configuration as written back (`config_save`): the same keys as the file.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConfigOut {
+    /// Pollers.
+    pub pollers: Pollers,
+    /// Disks.
+    pub disk: Vec<DiskConfig>,
+}
+
+impl ConfigOut {
+    /// TOML text, with a header saying where it came from.
+    pub fn to_toml(&self) -> Result<String, String> {
+        let body = toml::to_string_pretty(self).map_err(|e| e.to_string())?;
+        Ok(format!(
+            "# Written by leapd (control API config_save); the format is docs/leapd.example.toml's.\n\n{body}"
+        ))
     }
 }
 
@@ -285,6 +314,20 @@ block_size = 4096
         assert_eq!(c.disks[1].block_size, 4096);
         assert_eq!(c.disks[1].spec.limits.iops, Some(1000));
         assert_eq!(c.pollers.count, Some(2));
+    }
+
+    #[test]
+    fn written_back_configs_read_back_the_same() {
+        let c = parse(Path::new("leapd.toml"), GOOD).unwrap();
+        let out = ConfigOut {
+            pollers: c.pollers.clone(),
+            disk: c.disks.iter().map(|d| d.config.clone()).collect(),
+        };
+        let text = out.to_toml().unwrap();
+        let again = parse(Path::new("saved.toml"), &text).unwrap();
+        let cfgs = |c: &Checked| c.disks.iter().map(|d| d.config.clone()).collect::<Vec<_>>();
+        assert_eq!(cfgs(&again), cfgs(&c));
+        assert_eq!(again.pollers.count, Some(2));
     }
 
     #[test]

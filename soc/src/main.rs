@@ -3,14 +3,17 @@
 mod agent;
 mod bench;
 mod config;
+mod daemon;
 mod diskspec;
 mod platform;
+mod rpc;
 mod serve;
 mod signals;
 mod target;
 
 use clap::{Parser, Subcommand};
 use diskspec::{DiskSpec, DISK_SYNTAX};
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -68,8 +71,18 @@ struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// The disk.
-    #[arg(long, value_name = "SPEC", long_help = format!("The disk: {DISK_SYNTAX}. size creates or grows a sparse file; without size the file must exist."))]
-    disk: Option<DiskSpec>,
+    #[arg(long, value_name = "SPEC", value_parser = parse_disk_arg, long_help = format!("The disk: {DISK_SYNTAX}. size creates or grows a sparse file; without size the file must exist."))]
+    disk: Option<String>,
+    /// The control API's socket (JSON-RPC 2.0; `leapctl -s PATH`). Default
+    /// ./leapd-data/leapd.rpc, skipped with a warning if another leapd has it.
+    #[arg(long, value_name = "PATH")]
+    rpc_socket: Option<PathBuf>,
+    /// Permissions of the control socket, in octal.
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    rpc_socket_mode: u32,
+    /// No control API.
+    #[arg(long, conflicts_with = "rpc_socket")]
+    no_rpc: bool,
     /// Number of virtqueues (default: one per CPU, at most 4).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=32))]
     queues: Option<u16>,
@@ -106,6 +119,11 @@ pub(crate) struct PollerArgs {
     /// over them. Each poller's core and NUMA node are logged.
     #[arg(long, value_name = "LIST", value_parser = serve::parse_core_list)]
     pub cores: Option<serve::CoreList>,
+}
+
+/// clap's check of `--disk`: kept as written (the configuration model holds the text).
+fn parse_disk_arg(s: &str) -> Result<String, String> {
+    s.parse::<DiskSpec>().map(|_| s.to_string())
 }
 
 pub(crate) fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -147,6 +165,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     }
     let embedded = a.config.is_none() && a.socket.is_none() && a.disk.is_none();
     let mut poll = a.poll;
+    let mut pollers_cfg = config::Pollers::default();
     let disks = if let Some(file) = &a.config {
         let c = config::load(file)?;
         // The file's [pollers] settings win over the command line's.
@@ -156,26 +175,20 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         if let Some(cores) = c.cores {
             poll.cores = Some(serve::CoreList(cores));
         }
+        pollers_cfg = c.pollers;
         c.disks
     } else {
-        let (socket, spec) = match (a.socket, a.disk) {
+        let (socket, disk) = match (a.socket, a.disk) {
             (Some(s), Some(d)) => (s, d),
             (None, Some(d)) if soc => (PathBuf::new(), d),
             (None, None) => {
                 let dir = PathBuf::from("leapd-data");
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
                 let img = dir.join("disk0.img");
-                let size = if img.exists() { None } else { Some(8u64 << 30) };
-                if size.is_some() {
+                let disk = if img.exists() {
+                    img.display().to_string()
+                } else {
                     log::info!("creating {} (8 GiB, sparse)", img.display());
-                }
-                let disk = DiskSpec {
-                    kind: diskspec::DiskKind::File(img),
-                    size,
-                    direct: false,
-                    read_only: false,
-                    limits: Default::default(),
+                    format!("{},size=8G", img.display())
                 };
                 (dir.join("disk0.sock"), disk)
             }
@@ -190,22 +203,34 @@ fn serve(a: ServeArgs) -> Result<(), String> {
                 )
             }
         };
-        vec![config::Disk {
+        let cfg = config::DiskConfig {
             name: "disk0".into(),
             socket,
-            spec,
-            queues: a.queues.unwrap_or_else(default_queues),
-            block_size: a.block_size,
-            inflight: !a.no_inflight,
-            socket_mode: a.socket_mode,
-        }]
-    };
-    for d in &disks {
-        if let Some(dir) = d.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("disk `{}`: cannot create {}: {e}", d.name, dir.display()))?;
+            disk,
+            queues: Some(a.queues.unwrap_or_else(default_queues)),
+            block_size: Some(a.block_size),
+            inflight: Some(!a.no_inflight),
+            socket_mode: Some(format!("{:o}", a.socket_mode)),
+        };
+        if !soc {
+            if let Some(dir) = cfg.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            }
         }
-    }
+        vec![cfg.validate()?]
+    };
+    let rpc = if a.no_rpc || soc {
+        None
+    } else {
+        Some(serve::RpcOptions {
+            explicit: a.rpc_socket.is_some(),
+            path: a
+                .rpc_socket
+                .unwrap_or_else(|| PathBuf::from("leapd-data/leapd.rpc")),
+            mode: a.rpc_socket_mode,
+        })
+    };
     let opts = serve::ServeOptions {
         disks,
         pollers: poll.pollers.map(|p| p as usize),
@@ -213,6 +238,9 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         pin: poll.pin,
         cores: poll.cores.map(|c| c.0),
         listen: a.listen,
+        rpc,
+        config_file: a.config.clone(),
+        pollers_cfg,
     };
     serve::run(&*platform, &opts, |o| print_attach(o, embedded))
 }

@@ -9,7 +9,8 @@ use leap_runtime::backend::{
 };
 use leap_runtime::nvmf::initiator::{InitiatorConfig, NvmeTcpBackend};
 use leap_runtime::{DeviceIoStats, Namespace, Poller, PollerConfig};
-use leap_vhost::{DeviceConfig, DeviceContext, Server, VhostStats};
+use leap_vhost::{DeviceConfig, DeviceContext, VhostStats};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +33,23 @@ pub struct ServeOptions {
     pub cores: Option<Vec<usize>>,
     /// SoC modes: where host agents connect.
     pub listen: String,
+    /// Host mode: the control API's socket (None: no control API).
+    pub rpc: Option<RpcOptions>,
+    /// The `--config` file (where the control API writes changes back).
+    pub config_file: Option<PathBuf>,
+    /// The pollers section, as configured (written back with the disks).
+    pub pollers_cfg: crate::config::Pollers,
+}
+
+/// Where the control API listens.
+#[derive(Clone, Debug)]
+pub struct RpcOptions {
+    /// Socket path.
+    pub path: PathBuf,
+    /// Permissions.
+    pub mode: u32,
+    /// Given on the command line: a socket in use is then an error, not a warning.
+    pub explicit: bool,
 }
 
 /// Opens the back end a disk spec names.
@@ -237,14 +255,6 @@ fn format_cores(c: &[usize]) -> String {
     out.join(",")
 }
 
-/// One disk's device, ready to serve.
-struct Served {
-    disk: crate::config::Disk,
-    backend: Arc<dyn Backend>,
-    bounce: Option<Arc<BounceBackend>>,
-    ctx: DeviceContext,
-}
-
 /// Serves until a signal arrives. Prints `how_to_attach` once listening (host mode).
 pub fn run(
     platform: &dyn Platform,
@@ -264,167 +274,117 @@ pub fn run(
     let cpus = platform.poller_cpus().len().max(1);
     let placement =
         Placement::from_args(o.cores.as_deref(), o.pollers, o.pin, total_queues.min(cpus))?;
-    let npollers = placement.count();
-    // Every back end opens before anything is served: a broken disk is an error at start.
-    let mut opened = Vec::new();
-    for d in &o.disks {
-        let inner =
-            open_backend(&d.spec, d.block_size).map_err(|e| format!("disk `{}`: {e}", d.name))?;
-        // Through a window, the back end never sees window addresses: data is bounced.
-        let bounce = if soc {
-            Some(Arc::new(
-                BounceBackend::new(inner.clone(), BOUNCE_MAX_TRANSFER)
-                    .map_err(|e| format!("disk `{}`: {e}", d.name))?,
-            ))
-        } else {
-            None
-        };
-        opened.push((d.clone(), inner, bounce));
-    }
-    let pollers = start_pollers(platform, &placement, o.idle_spin)?;
-    let mut first_poller = 0;
-    let served: Vec<Served> = opened
-        .into_iter()
-        .map(|(disk, inner, bounce)| {
-            let backend: Arc<dyn Backend> = match &bounce {
-                Some(b) => b.clone(),
-                None => inner,
-            };
-            let ctx = DeviceContext {
-                ns: Namespace::with_limits(backend.clone(), &disk.spec.limits),
-                pollers: pollers.clone(),
-                config: DeviceConfig {
-                    num_queues: disk.queues,
-                    inflight: disk.inflight,
-                    first_poller,
-                    ..DeviceConfig::default()
-                },
-                stats: Arc::new(VhostStats::default()),
-                io_stats: Arc::new(DeviceIoStats::new(disk.queues as usize)),
-                writeback: true,
-            };
-            first_poller += disk.queues as usize;
-            Served {
-                disk,
-                backend,
-                bounce,
-                ctx,
-            }
-        })
-        .collect();
-    let describe = |s: &Served| {
-        let info = s.backend.info();
-        format!(
-            "disk {}: {} ({} bytes, {}-byte blocks{}) with {} queue(s)",
-            s.disk.name,
-            s.backend.kind(),
-            info.size,
-            info.block_size,
-            if info.read_only { ", read-only" } else { "" },
-            s.disk.queues,
-        )
-    };
-    let platform_line = format!(
+    let where_ = format!(
         "{} poller(s), platform {} ({} KiB pages)",
-        npollers,
+        placement.count(),
         platform.name(),
         platform.page_size() >> 10
     );
-    let r = if let Some(b) = &served[0].bounce {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let sig_thread = crate::signals::on_termination(signals, move |sig| {
-            log::info!("{sig}: finishing in-flight I/O and stopping");
-            s.store(true, Ordering::Release);
-        })?;
-        log::info!(
-            "serving {}, {platform_line}, to host agents on {}",
-            describe(&served[0]),
-            o.listen
-        );
-        let r = serve_agents(platform, &o.listen, &served[0].ctx, b, &stop);
-        drop(sig_thread);
-        r
-    } else {
-        let lines: Vec<String> = served
-            .iter()
-            .map(|s| {
-                format!(
-                    "serving {} on {} ({platform_line})",
-                    describe(s),
-                    s.disk.socket.display()
-                )
-            })
-            .collect();
-        serve_sockets(&served, signals, || {
-            for l in &lines {
-                log::info!("{l}");
+    if soc {
+        return run_soc(platform, o, &placement, &where_, signals);
+    }
+    let pollers = start_pollers(platform, &placement, o.idle_spin)?;
+    let daemon = Arc::new(crate::daemon::Daemon::new(pollers.clone()));
+    for d in &o.disks {
+        if let Err(e) = daemon.add(&d.config) {
+            daemon.remove_all();
+            return Err(e);
+        }
+    }
+    log::info!("serving {} disk(s) on {where_}", o.disks.len());
+    let rpc = match &o.rpc {
+        None => None,
+        Some(r) => {
+            let ctl = Arc::new(crate::rpc::Control {
+                daemon: daemon.clone(),
+                config_file: o.config_file.clone(),
+                pollers: o.pollers_cfg.clone(),
+            });
+            match crate::rpc::RpcServer::start(&r.path, r.mode, ctl) {
+                Ok(s) => Some(s),
+                Err(e) if !r.explicit => {
+                    log::warn!("control API disabled: {e}");
+                    None
+                }
+                Err(e) => {
+                    daemon.remove_all();
+                    return Err(e);
+                }
             }
-            how_to_attach(o);
-        })
+        }
     };
-    // Pollers drain in-flight work when dropped; then make the data durable.
-    let backends: Vec<(String, Arc<dyn Backend>)> = served
-        .iter()
-        .map(|s| (s.disk.name.clone(), s.backend.clone()))
-        .collect();
-    drop(served);
-    drop(pollers);
-    for (name, b) in backends {
-        leap_runtime::backend::sync(&*b).map_err(|e| format!("disk `{name}`: final {e}"))?;
-    }
-    log::info!("stopped cleanly");
-    r
-}
-
-/// Host mode: each disk on its own vhost-user socket, served from its own thread; one signal
-/// stops them all. A disk whose server fails is logged and the others go on. `listening` runs
-/// once every socket is bound.
-fn serve_sockets(
-    served: &[Served],
-    signals: nix::sys::signal::SigSet,
-    listening: impl FnOnce(),
-) -> Result<(), String> {
-    let mut servers = Vec::new();
-    for s in served {
-        let server = Server::bind(&s.disk.socket, s.disk.socket_mode, s.ctx.clone())
-            .map_err(|e| format!("disk `{}`: {e}", s.disk.name))?;
-        servers.push((s.disk.name.clone(), server));
-    }
-    let stops: Vec<leap_vhost::StopHandle> = servers.iter().map(|(_, s)| s.stop_handle()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
     let sig_thread = crate::signals::on_termination(signals, move |sig| {
         log::info!("{sig}: finishing in-flight I/O and stopping");
-        for h in &stops {
-            h.stop();
-        }
+        s.store(true, Ordering::Release);
     })?;
-    listening();
-    let mut threads = Vec::new();
-    for (name, mut server) in servers {
-        let t = std::thread::Builder::new()
-            .name(format!("leap-disk-{name}"))
-            .spawn(move || {
-                let r = server.run();
-                if let Err(e) = &r {
-                    log::error!("disk `{name}`: {e}; the other disks go on");
-                }
-                drop(server); // removes the socket
-                r.map_err(|e| format!("disk `{name}`: {e}"))
-            })
-            .map_err(|e| format!("cannot start a disk thread: {e}"))?;
-        threads.push(t);
+    how_to_attach(o);
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(100));
     }
-    let mut first_err = None;
-    for t in threads {
-        let r = t
-            .join()
-            .unwrap_or_else(|_| Err("a disk thread panicked".into()));
-        if let Err(e) = r {
-            first_err.get_or_insert(e);
-        }
-    }
+    drop(rpc);
+    // Each disk's connection ends once its in-flight I/O completes; sockets go, back ends sync.
+    daemon.remove_all();
     drop(sig_thread);
-    first_err.map_or(Ok(()), Err)
+    drop(daemon);
+    drop(pollers);
+    log::info!("stopped cleanly");
+    Ok(())
+}
+
+/// The SoC modes: the one disk, bounced, to host agents.
+fn run_soc(
+    platform: &dyn Platform,
+    o: &ServeOptions,
+    placement: &Placement,
+    where_: &str,
+    signals: nix::sys::signal::SigSet,
+) -> Result<(), String> {
+    let d = &o.disks[0];
+    let inner = open_backend(&d.spec, d.block_size)?;
+    // Through a window, the back end never sees window addresses: data is bounced.
+    let bounce = Arc::new(
+        BounceBackend::new(inner.clone(), BOUNCE_MAX_TRANSFER).map_err(|e| e.to_string())?,
+    );
+    let backend: Arc<dyn Backend> = bounce.clone();
+    let pollers = start_pollers(platform, placement, o.idle_spin)?;
+    let ctx = DeviceContext {
+        ns: Namespace::with_limits(backend.clone(), &d.spec.limits),
+        pollers: pollers.clone(),
+        config: DeviceConfig {
+            num_queues: d.queues,
+            inflight: d.inflight,
+            ..DeviceConfig::default()
+        },
+        stats: Arc::new(VhostStats::default()),
+        io_stats: Arc::new(DeviceIoStats::new(d.queues as usize)),
+        writeback: true,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let sig_thread = crate::signals::on_termination(signals, move |sig| {
+        log::info!("{sig}: finishing in-flight I/O and stopping");
+        s.store(true, Ordering::Release);
+    })?;
+    let info = backend.info();
+    log::info!(
+        "serving {} ({} bytes, {}-byte blocks{}) with {} queue(s), {where_}, to host agents on {}",
+        backend.kind(),
+        info.size,
+        info.block_size,
+        if info.read_only { ", read-only" } else { "" },
+        d.queues,
+        o.listen
+    );
+    let r = serve_agents(platform, &o.listen, &ctx, &bounce, &stop);
+    drop(sig_thread);
+    // Pollers drain in-flight work when dropped; then make the data durable.
+    drop(ctx);
+    drop(pollers);
+    leap_runtime::backend::sync(&*backend).map_err(|e| format!("final {e}"))?;
+    log::info!("stopped cleanly");
+    r
 }
 
 /// The SoC modes: one host agent session at a time on `listen` (TCP), each served through the

@@ -1,7 +1,9 @@
 //! `leapd serve --config docs/leapd.example.toml`, run as it is from an empty directory: it
-//! creates ./leapd-data/ with the file disk and the three sockets, and serves a file, a `ram` and
-//! a `null` disk on one set of pollers. The in-process driver does verified I/O on all three at
-//! once; SIGTERM stops leapd cleanly.
+//! creates ./leapd-data/ with the file disk, the three sockets and the control socket, and serves
+//! a file, a `ram` and a `null` disk on one set of pollers. The in-process driver does verified
+//! I/O on all three at once; `leapctl disk remove` takes the ram disk away while I/O runs on it
+//! (what completed is right, the others keep serving), `leapctl disk add` brings it back, and
+//! SIGTERM stops leapd cleanly.
 
 use leap_vhost::driver::{blk_request, Desc, Driver, DriverOptions};
 use leap_vhost::driver::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
@@ -11,8 +13,16 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
 /// Writes `rounds` × 64 KiB of a pattern particular to `seed` and reads each back; on the null
-/// disk (which keeps nothing) the reads must return zeroes.
-fn verified_io(sock: &Path, seed: u8, keeps_data: bool, block: u64) {
+/// disk (which keeps nothing) the reads must return zeroes. Returns the rounds done, or the
+/// driver's error (the disk went away) with the rounds done before it; wrong data panics.
+fn verified_io(
+    sock: &Path,
+    seed: u8,
+    keeps_data: bool,
+    block: u64,
+    rounds: u64,
+    timeout: Duration,
+) -> Result<u64, (u64, String)> {
     let mut d = Driver::connect(
         sock,
         DriverOptions {
@@ -24,13 +34,14 @@ fn verified_io(sock: &Path, seed: u8, keeps_data: bool, block: u64) {
     .unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
     let buf = d.alloc(128 << 10, 4096).unwrap();
     let mut q = d.take_queues().remove(0);
-    let t = Duration::from_secs(20);
-    for round in 0..16u64 {
+    let t = timeout;
+    for round in 0..rounds {
         let data: Vec<u8> = (0..65536u64)
             .map(|i| (i as u8).wrapping_mul(seed).wrapping_add(round as u8))
             .collect();
         d.memory().write_slice(&data, GuestAddress(buf)).unwrap();
-        let sector = round * 128 * 512 / block * (block / 512);
+        let sector = (round % 64) * 128 * 512 / block * (block / 512);
+        let gone = |e: leap_vhost::driver::DriverError| (round, e.to_string());
         let (st, _) = blk_request(
             &mut q,
             VIRTIO_BLK_T_OUT,
@@ -38,7 +49,7 @@ fn verified_io(sock: &Path, seed: u8, keeps_data: bool, block: u64) {
             &[Desc::readable(buf, 65536)],
             t,
         )
-        .unwrap();
+        .map_err(gone)?;
         assert_eq!(st, VIRTIO_BLK_S_OK as u8, "{}: write", sock.display());
         let (st, _) = blk_request(
             &mut q,
@@ -47,7 +58,7 @@ fn verified_io(sock: &Path, seed: u8, keeps_data: bool, block: u64) {
             &[Desc::writable(buf + 65536, 65536)],
             t,
         )
-        .unwrap();
+        .map_err(gone)?;
         assert_eq!(st, VIRTIO_BLK_S_OK as u8, "{}: read", sock.display());
         let mut back = vec![0u8; 65536];
         d.memory()
@@ -65,6 +76,22 @@ fn verified_io(sock: &Path, seed: u8, keeps_data: bool, block: u64) {
     }
     drop(q);
     d.disconnect();
+    Ok(rounds)
+}
+
+fn leapctl(dir: &Path, args: &[&str]) -> String {
+    let out = leap_tests::program(env!("CARGO_BIN_EXE_leapctl"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "leapctl {args:?}: {}{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
 }
 
 #[test]
@@ -97,23 +124,66 @@ fn the_example_config_serves_three_disks_at_once() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(data.join("file0.img").exists(), "the file disk was created");
-    let runs: Vec<_> = [
-        (0usize, 3u8, true, 512u64),
-        (1, 5, true, 512),
-        (2, 7, false, 4096),
-    ]
-    .into_iter()
-    .map(|(i, seed, keeps, block)| {
-        let s = socks[i].clone();
-        std::thread::spawn(move || verified_io(&s, seed, keeps, block))
-    })
-    .collect();
+    let ctl = dir.path();
+    assert!(leapctl(ctl, &["version"]).starts_with("leapd "));
+    let list = leapctl(ctl, &["disk", "list"]);
+    for n in ["file0", "ram0", "null0"] {
+        assert!(list.contains(n), "{list}");
+    }
+    // file0 and null0 run a fixed workload; ram0 runs until it is removed under it.
+    let fixed: Vec<_> = [(0usize, 3u8, true, 512u64), (2, 7, false, 4096)]
+        .into_iter()
+        .map(|(i, seed, keeps, block)| {
+            let s = socks[i].clone();
+            std::thread::spawn(move || {
+                verified_io(&s, seed, keeps, block, 48, Duration::from_secs(20))
+            })
+        })
+        .collect();
+    let ram = {
+        let s = socks[1].clone();
+        std::thread::spawn(move || verified_io(&s, 5, true, 512, u64::MAX, Duration::from_secs(3)))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(leapctl(ctl, &["disk", "remove", "ram0"]).contains("removed"));
+    assert!(!socks[1].exists(), "the removed disk's socket is gone");
     let mut failed = Vec::new();
-    for r in runs {
-        if let Err(e) = r.join() {
-            failed.push(format!("{e:?}"));
+    match ram.join() {
+        Ok(Err((rounds, e))) => assert!(rounds > 0, "no I/O before the removal: {e}"),
+        Ok(Ok(_)) => failed.push("ram0 kept serving after its removal".to_string()),
+        Err(e) => failed.push(format!("ram0: {e:?}")),
+    }
+    for r in fixed {
+        match r.join() {
+            Ok(Ok(48)) => {}
+            other => failed.push(format!("a disk that was not removed: {other:?}")),
         }
     }
+    // Back again, from the control API, on the same socket.
+    leapctl(
+        ctl,
+        &[
+            "disk",
+            "add",
+            "ram0",
+            "--socket",
+            "leapd-data/ram0.sock",
+            "--disk",
+            "ram,size=64M",
+        ],
+    );
+    if let Err(e) = verified_io(&socks[1], 9, true, 512, 8, Duration::from_secs(20)) {
+        failed.push(format!("ram0 after it was added back: {e:?}"));
+    }
+    let stats = leapctl(ctl, &["disk", "stats", "ram0"]);
+    assert!(
+        stats.lines().nth(1).is_some_and(|l| l.starts_with("ram0")),
+        "{stats}"
+    );
+    let json = leapctl(ctl, &["--json", "disk", "stats"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["ram0"]["writes"], 8, "{json}");
+    assert_eq!(v["file0"]["writes"], 48, "{json}");
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
@@ -124,7 +194,10 @@ fn the_example_config_serves_three_disks_at_once() {
     );
     assert!(status.success(), "leapd exit {status}\n{log}");
     for n in ["file0", "ram0", "null0"] {
-        assert!(log.contains(&format!("serving disk {n}:")), "{log}");
+        assert!(
+            log.contains(&format!("event=disk_added disk={n} ")),
+            "{log}"
+        );
     }
     assert!(!socks.iter().any(|s| s.exists()), "sockets removed at exit");
 }
