@@ -94,7 +94,7 @@ fn bad_input_gets_one_line_errors() {
     let missing = format!("{}", d.join("missing.img").display());
     fails_with(
         &["serve", "--socket", s, "--disk", &missing],
-        "does not exist (add size=SIZE",
+        "does not exist (add `,size=SIZE`",
     );
     fails_with(
         &["serve", "--socket", s, "--disk", "x.img,size=12Q"],
