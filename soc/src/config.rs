@@ -101,6 +101,16 @@ pub struct Disk {
 impl DiskConfig {
     /// Checks every value; the error names the disk and the key.
     pub fn validate(&self) -> Result<Disk, String> {
+        self.check(true)
+    }
+
+    /// [`DiskConfig::validate`] for a disk with no vhost-user socket of its own (the SoC modes,
+    /// where the host agent owns the socket).
+    pub fn validate_without_socket(&self) -> Result<Disk, String> {
+        self.check(false)
+    }
+
+    fn check(&self, needs_socket: bool) -> Result<Disk, String> {
         let n = &self.name;
         if n.is_empty()
             || n.len() > 64
@@ -113,7 +123,7 @@ impl DiskConfig {
             ));
         }
         let bad = |key: &str, why: String| format!("disk `{n}`: {key}: {why}");
-        if self.socket.as_os_str().is_empty() {
+        if needs_socket && self.socket.as_os_str().is_empty() {
             return Err(bad("socket", "empty path".into()));
         }
         if let Some(dir) = self.socket.parent().filter(|d| !d.as_os_str().is_empty()) {

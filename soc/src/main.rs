@@ -218,7 +218,11 @@ fn serve(a: ServeArgs) -> Result<(), String> {
                     .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             }
         }
-        vec![cfg.validate()?]
+        vec![if soc {
+            cfg.validate_without_socket()?
+        } else {
+            cfg.validate()?
+        }]
     };
     let rpc = if a.no_rpc || soc {
         None

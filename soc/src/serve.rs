@@ -313,12 +313,7 @@ pub fn run(
             }
         }
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let sig_thread = crate::signals::on_termination(signals, move |sig| {
-        log::info!("{sig}: finishing in-flight I/O and stopping");
-        s.store(true, Ordering::Release);
-    })?;
+    let (stop, sig_thread) = stop_on_signal(signals)?;
     how_to_attach(o);
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(100));
@@ -331,6 +326,20 @@ pub fn run(
     drop(pollers);
     log::info!("stopped cleanly");
     Ok(())
+}
+
+/// A flag the first SIGINT or SIGTERM sets (in-flight I/O then completes and leapd stops), and
+/// the thread that waits for it.
+fn stop_on_signal(
+    signals: nix::sys::signal::SigSet,
+) -> Result<(Arc<AtomicBool>, std::thread::JoinHandle<()>), String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let t = crate::signals::on_termination(signals, move |sig| {
+        log::info!("{sig}: finishing in-flight I/O and stopping");
+        s.store(true, Ordering::Release);
+    })?;
+    Ok((stop, t))
 }
 
 /// The SoC modes: the one disk, bounced, to host agents.
@@ -361,12 +370,7 @@ fn run_soc(
         io_stats: Arc::new(DeviceIoStats::new(d.queues as usize)),
         writeback: true,
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let sig_thread = crate::signals::on_termination(signals, move |sig| {
-        log::info!("{sig}: finishing in-flight I/O and stopping");
-        s.store(true, Ordering::Release);
-    })?;
+    let (stop, sig_thread) = stop_on_signal(signals)?;
     let info = backend.info();
     log::info!(
         "serving {} ({} bytes, {}-byte blocks{}) with {} queue(s), {where_}, to host agents on {}",

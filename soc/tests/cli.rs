@@ -208,3 +208,55 @@ fn socket_mode_is_honoured_and_a_live_socket_is_refused() {
     let child = serve(dir.path(), &[]);
     assert_eq!(terminate(child).code(), Some(0));
 }
+
+/// The SoC-mode command line as the SoC VM's job runs it: a window stand-in, a TCP listener, a
+/// disk and no socket; it serves, and stops cleanly on SIGTERM.
+#[test]
+fn soc_mode_serves_a_disk_to_host_agents() {
+    let dir = tempfile::tempdir().unwrap();
+    let ram = dir.path().join("tenant-ram");
+    std::fs::write(&ram, vec![0u8; 1 << 20]).unwrap();
+    let mut child = leapd()
+        .args([
+            "serve",
+            "--mode",
+            "socvm",
+            "--listen",
+            "127.0.0.1:0",
+            "--window",
+        ])
+        .arg(&ram)
+        .args(["--disk", "ram,size=16M", "--queues", "1"])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("to host agents on") {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "leapd exited before serving (last line: {line})"
+        );
+    }
+    assert!(line.contains("platform socvm"), "{line}");
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    assert!(terminate(child).success());
+    // --socket belongs to host mode.
+    fails_with(
+        &[
+            "serve",
+            "--mode",
+            "socvm",
+            "--window",
+            ram.to_str().unwrap(),
+            "--socket",
+            "x.sock",
+            "--disk",
+            "ram",
+        ],
+        "--socket is for host mode",
+    );
+}

@@ -186,6 +186,22 @@ impl Session {
     }
 }
 
+/// Describes and starts queue 0 (16 entries at DESC, AVAIL, USED); returns its description.
+fn start_ring0(a: &mut Agent) -> Vring {
+    let ring = Vring {
+        queue: 0,
+        size: 16,
+        event_idx: false,
+        desc: DESC,
+        avail: AVAIL,
+        used: USED,
+        base: 0,
+    };
+    assert_eq!(a.call(Msg::Vring(ring)).0, 0);
+    assert_eq!(a.call(Msg::VringStart(0)).0, 0);
+    ring
+}
+
 /// The tenant's RAM as the only window.
 fn ram_window(ram: &std::fs::File) -> (Window, WindowFile) {
     (
@@ -240,17 +256,7 @@ fn requests_are_served_through_the_window_and_only_control_crosses() {
         .0,
         0
     );
-    let ring = Vring {
-        queue: 0,
-        size: 16,
-        event_idx: false,
-        desc: DESC,
-        avail: AVAIL,
-        used: USED,
-        base: 0,
-    };
-    assert_eq!(a.call(Msg::Vring(ring)).0, 0);
-    assert_eq!(a.call(Msg::VringStart(0)).0, 0);
+    let ring = start_ring0(a);
     // A started ring interrupts the guest once (completions a predecessor may not have
     // signalled).
     a.wait(|_, m| *m == Msg::Call(0));
@@ -549,17 +555,7 @@ fn inflight_regions_through_a_window_resubmit_what_was_left() {
         host: 0,
     }]);
     assert_eq!(a.call(mem).0, 0);
-    let ring = Vring {
-        queue: 0,
-        size: 16,
-        event_idx: false,
-        desc: DESC,
-        avail: AVAIL,
-        used: USED,
-        base: 0,
-    };
-    assert_eq!(a.call(Msg::Vring(ring)).0, 0);
-    assert_eq!(a.call(Msg::VringStart(0)).0, 0);
+    start_ring0(a);
     // No kick: the resubmitted request completes on its own.
     let t = Instant::now();
     while used_idx(&ram) < 1 {

@@ -30,15 +30,6 @@ impl Platform for ArmSoc {
     fn name(&self) -> &'static str {
         "arm-soc"
     }
-    fn page_size(&self) -> usize {
-        leap_runtime::mem::page_size()
-    }
-    fn poller_cpus(&self) -> Vec<usize> {
-        super::host::allowed_cpus()
-    }
-    fn numa_node(&self, cpu: usize) -> Option<usize> {
-        super::host::numa_node_of(cpu)
-    }
     fn windows(&self) -> &[Source] {
         &self.windows
     }

@@ -10,18 +10,6 @@ impl Platform for Host {
     fn name(&self) -> &'static str {
         "host"
     }
-
-    fn page_size(&self) -> usize {
-        leap_runtime::mem::page_size()
-    }
-
-    fn poller_cpus(&self) -> Vec<usize> {
-        allowed_cpus()
-    }
-
-    fn numa_node(&self, cpu: usize) -> Option<usize> {
-        numa_node_of(cpu)
-    }
 }
 
 /// The CPUs this process may run on (cgroups and taskset respected).

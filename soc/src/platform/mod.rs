@@ -25,11 +25,17 @@ pub trait Platform {
     /// Short name for logs.
     fn name(&self) -> &'static str;
     /// The CPU page size, read at run time (4, 16 or 64 KiB on arm64).
-    fn page_size(&self) -> usize;
-    /// CPUs leapd may run pollers on, in order of preference.
-    fn poller_cpus(&self) -> Vec<usize>;
-    /// The NUMA node of `cpu`, if the platform knows it.
-    fn numa_node(&self, cpu: usize) -> Option<usize>;
+    fn page_size(&self) -> usize {
+        leap_runtime::mem::page_size()
+    }
+    /// CPUs leapd may run pollers on, in order of preference: those this process may run on.
+    fn poller_cpus(&self) -> Vec<usize> {
+        host::allowed_cpus()
+    }
+    /// The NUMA node of `cpu`, if the platform knows it (Linux's sysfs).
+    fn numa_node(&self, cpu: usize) -> Option<usize> {
+        host::numa_node_of(cpu)
+    }
     /// Windows onto host memory through which guest memory is reached; empty when guest memory
     /// is mapped from vhost-user's file descriptors (host mode).
     fn windows(&self) -> &[Source] {

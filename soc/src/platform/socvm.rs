@@ -15,15 +15,6 @@ impl Platform for SocVm {
     fn name(&self) -> &'static str {
         "socvm"
     }
-    fn page_size(&self) -> usize {
-        leap_runtime::mem::page_size()
-    }
-    fn poller_cpus(&self) -> Vec<usize> {
-        super::host::allowed_cpus()
-    }
-    fn numa_node(&self, cpu: usize) -> Option<usize> {
-        super::host::numa_node_of(cpu)
-    }
     fn windows(&self) -> &[Source] {
         &self.windows
     }
