@@ -27,8 +27,8 @@ pub struct Namespace {
     blocks: u64,
     /// The back end takes NVMe commands as they are.
     native: bool,
-    /// Rate limits, if any.
-    throttle: Option<crate::throttle::Throttle>,
+    /// Rate limits (none set: every command passes at the cost of one atomic load).
+    throttle: crate::throttle::Throttle,
 }
 
 impl Namespace {
@@ -47,6 +47,14 @@ impl Namespace {
             info,
             backend,
         })
+    }
+    /// Changes the rate limits while the namespace serves.
+    pub fn set_limits(&self, limits: &crate::throttle::Limits) {
+        self.throttle.set(limits)
+    }
+    /// The rate limits in force.
+    pub fn limits(&self) -> crate::throttle::Limits {
+        self.throttle.limits()
     }
     /// The disk behind it.
     pub fn info(&self) -> &DiskInfo {
@@ -330,10 +338,8 @@ fn start_inner(
                 return Ok(Started::Busy);
             }
             // Rate limits last, so tokens are only taken by a command that then starts.
-            if let Some(t) = &ns.throttle {
-                if !t.admit(opcode == io::WRITE, len) {
-                    return Ok(Started::Throttled);
-                }
+            if !ns.throttle.admit(opcode == io::WRITE, len) {
+                return Ok(Started::Throttled);
             }
             scratch.iov.clear();
             let iov = &mut scratch.iov;

@@ -6,7 +6,10 @@
 //! tries again on its next round (it sleeps at most a millisecond while a command is held). So a
 //! throttled queue waits without blocking its poller, and other queues are never stuck behind it.
 //! The buckets are shared by every queue of the disk; a command is admitted whole or not at all.
+//! Limits can change while the disk serves ([`Throttle::set`]); an unlimited disk pays one
+//! atomic load per command, never the lock.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -66,38 +69,54 @@ struct Bucket {
 /// The token buckets of one disk.
 #[derive(Debug)]
 pub struct Throttle {
-    state: Mutex<(Vec<Bucket>, Instant)>,
+    /// Any limit set (Relaxed: a limit set by another thread takes effect a moment later).
+    active: AtomicBool,
+    state: Mutex<(Vec<Bucket>, Instant, Limits)>,
+}
+
+fn buckets(limits: &Limits) -> Vec<Bucket> {
+    let mut b = Vec::new();
+    let mut add = |l: Option<u64>, kind, reads, writes| {
+        if let Some(rate) = l {
+            let rate = rate.max(1) as f64;
+            b.push(Bucket {
+                kind,
+                reads,
+                writes,
+                rate,
+                cap: rate,
+                level: rate,
+            });
+        }
+    };
+    add(limits.iops, Kind::Ops, true, true);
+    add(limits.iops_rd, Kind::Ops, true, false);
+    add(limits.iops_wr, Kind::Ops, false, true);
+    add(limits.bps, Kind::Bytes, true, true);
+    add(limits.bps_rd, Kind::Bytes, true, false);
+    add(limits.bps_wr, Kind::Bytes, false, true);
+    b
 }
 
 impl Throttle {
-    /// Buckets for `limits` (full at the start), or `None` when nothing is limited.
-    pub fn new(limits: &Limits) -> Option<Throttle> {
-        if !limits.any() {
-            return None;
+    /// Buckets for `limits`, full at the start (none: everything is admitted).
+    pub fn new(limits: &Limits) -> Throttle {
+        Throttle {
+            active: AtomicBool::new(limits.any()),
+            state: Mutex::new((buckets(limits), Instant::now(), *limits)),
         }
-        let mut b = Vec::new();
-        let mut add = |l: Option<u64>, kind, reads, writes| {
-            if let Some(rate) = l {
-                let rate = rate.max(1) as f64;
-                b.push(Bucket {
-                    kind,
-                    reads,
-                    writes,
-                    rate,
-                    cap: rate,
-                    level: rate,
-                });
-            }
-        };
-        add(limits.iops, Kind::Ops, true, true);
-        add(limits.iops_rd, Kind::Ops, true, false);
-        add(limits.iops_wr, Kind::Ops, false, true);
-        add(limits.bps, Kind::Bytes, true, true);
-        add(limits.bps_rd, Kind::Bytes, true, false);
-        add(limits.bps_wr, Kind::Bytes, false, true);
-        Some(Throttle {
-            state: Mutex::new((b, Instant::now())),
-        })
+    }
+
+    /// Replaces the limits; the new buckets start full.
+    pub fn set(&self, limits: &Limits) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        *st = (buckets(limits), Instant::now(), *limits);
+        self.active.store(limits.any(), Ordering::Relaxed);
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.state.lock().map(|s| s.2).unwrap_or_default()
     }
 
     /// Takes what a read (`write` false) or write of `bytes` costs from every bucket that
@@ -108,10 +127,13 @@ impl Throttle {
 
     /// [`Throttle::admit`] at a given time (tests).
     pub fn admit_at(&self, write: bool, bytes: u64, now: Instant) -> bool {
+        if !self.active.load(Ordering::Relaxed) {
+            return true;
+        }
         let Ok(mut st) = self.state.lock() else {
             return true;
         };
-        let (buckets, last) = &mut *st;
+        let (buckets, last, _) = &mut *st;
         let dt = now.saturating_duration_since(*last).as_secs_f64();
         *last = now.max(*last);
         let cost = |b: &Bucket| match b.kind {
@@ -148,8 +170,7 @@ mod tests {
             iops_wr: Some(10),
             bps: Some(100_000),
             ..Limits::default()
-        })
-        .unwrap();
+        });
         let t0 = Instant::now();
         // The burst: one second's worth of writes.
         let n = (0..20).filter(|_| t.admit_at(true, 4096, t0)).count();
@@ -164,6 +185,25 @@ mod tests {
         // A command bigger than the burst still passes once the bucket is full.
         let t2 = t1 + Duration::from_secs(5);
         assert!(t.admit_at(false, 500_000, t2));
-        assert!(Throttle::new(&Limits::default()).is_none());
+    }
+
+    #[test]
+    fn limits_change_while_serving() {
+        let t = Throttle::new(&Limits::default());
+        let t0 = Instant::now();
+        assert_eq!(
+            (0..1000).filter(|_| t.admit_at(true, 4096, t0)).count(),
+            1000
+        );
+        let two = Limits {
+            iops: Some(2),
+            ..Limits::default()
+        };
+        t.set(&two);
+        assert_eq!(t.limits(), two);
+        let t1 = Instant::now();
+        assert_eq!((0..10).filter(|_| t.admit_at(false, 512, t1)).count(), 2);
+        t.set(&Limits::default());
+        assert_eq!((0..10).filter(|_| t.admit_at(false, 512, t1)).count(), 10);
     }
 }

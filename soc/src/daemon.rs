@@ -163,6 +163,27 @@ impl Daemon {
         synced.map_err(|e| format!("disk `{name}`: final {e}"))
     }
 
+    /// Replaces a disk's rate limits while it serves (the configuration follows, for
+    /// `config_save`).
+    pub fn set_limits(
+        &self,
+        name: &str,
+        limits: &leap_runtime::throttle::Limits,
+    ) -> Result<(), String> {
+        let mut disks = self.lock();
+        let r = disks
+            .get_mut(name)
+            .ok_or_else(|| format!("no disk `{name}`"))?;
+        r.ctx.ns.set_limits(limits);
+        r.disk.spec.limits = *limits;
+        r.disk.config.disk = crate::diskspec::with_limits(&r.disk.config.disk, limits);
+        log::info!(
+            "event=disk_limits disk={name} disk_spec={:?}",
+            r.disk.config.disk
+        );
+        Ok(())
+    }
+
     /// Every disk, by name.
     pub fn list(&self) -> Vec<DiskStatus> {
         self.lock()

@@ -167,6 +167,25 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("bad size `{s}`: must be between 1 byte and 16 EiB"))
 }
 
+/// `spec` (the `--disk` syntax) with its rate-limit options replaced by `l`'s.
+pub fn with_limits(spec: &str, l: &leap_runtime::throttle::Limits) -> String {
+    let keys = ["iops", "iops-rd", "iops-wr", "bps", "bps-rd", "bps-wr"];
+    let mut parts: Vec<String> = spec
+        .split(',')
+        .filter(|p| !p.split_once('=').is_some_and(|(k, _)| keys.contains(&k)))
+        .map(str::to_string)
+        .collect();
+    for (k, v) in keys
+        .iter()
+        .zip([l.iops, l.iops_rd, l.iops_wr, l.bps, l.bps_rd, l.bps_wr])
+    {
+        if let Some(v) = v {
+            parts.push(format!("{k}={v}"));
+        }
+    }
+    parts.join(",")
+}
+
 /// Sets a rate limit option; false if `k` is not one.
 fn limit(l: &mut leap_runtime::throttle::Limits, k: &str, v: &str) -> Result<bool, String> {
     let slot = match k {
@@ -265,6 +284,23 @@ impl std::str::FromStr for DiskSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_are_rewritten_in_the_spec() {
+        let l = leap_runtime::throttle::Limits {
+            iops_wr: Some(50),
+            bps: Some(1 << 20),
+            ..Default::default()
+        };
+        let s = with_limits("x.img,size=1G,iops=10,direct=on", &l);
+        assert_eq!(s, "x.img,size=1G,direct=on,iops-wr=50,bps=1048576");
+        let back: DiskSpec = s.parse().unwrap();
+        assert_eq!(back.limits, l);
+        assert_eq!(
+            with_limits(&s, &Default::default()),
+            "x.img,size=1G,direct=on"
+        );
+    }
 
     #[test]
     fn parses_sizes() {

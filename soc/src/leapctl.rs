@@ -80,6 +80,29 @@ enum DiskCmd {
         /// The disk.
         name: String,
     },
+    /// Replace a disk's rate limits while it serves (none given: unlimited).
+    Limits {
+        /// The disk.
+        name: String,
+        /// Commands per second, reads and writes.
+        #[arg(long, value_name = "N")]
+        iops: Option<u64>,
+        /// Reads per second.
+        #[arg(long, value_name = "N")]
+        iops_rd: Option<u64>,
+        /// Writes per second.
+        #[arg(long, value_name = "N")]
+        iops_wr: Option<u64>,
+        /// Bytes per second, reads and writes (100M, 1G, ...).
+        #[arg(long, value_name = "SIZE")]
+        bps: Option<String>,
+        /// Bytes read per second.
+        #[arg(long, value_name = "SIZE")]
+        bps_rd: Option<String>,
+        /// Bytes written per second.
+        #[arg(long, value_name = "SIZE")]
+        bps_wr: Option<String>,
+    },
     /// Counters of one disk, or of all.
     Stats {
         /// The disk (default: all).
@@ -194,6 +217,28 @@ fn run(cli: Cli) -> Result<(), String> {
                 ("disk_add", p)
             }
             DiskCmd::Remove { name } => ("disk_remove", json!({ "name": name })),
+            DiskCmd::Limits {
+                name,
+                iops,
+                iops_rd,
+                iops_wr,
+                bps,
+                bps_rd,
+                bps_wr,
+            } => {
+                let mut p = json!({ "name": name });
+                for (k, v) in [("iops", iops), ("iops_rd", iops_rd), ("iops_wr", iops_wr)] {
+                    if let Some(v) = v {
+                        p[k] = json!(v);
+                    }
+                }
+                for (k, v) in [("bps", bps), ("bps_rd", bps_rd), ("bps_wr", bps_wr)] {
+                    if let Some(v) = v {
+                        p[k] = json!(v);
+                    }
+                }
+                ("disk_set_limits", p)
+            }
             DiskCmd::Stats { name } => match name {
                 Some(n) => ("disk_stats", json!({ "name": n })),
                 None => ("disk_stats", json!({})),
@@ -240,6 +285,7 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             DiskCmd::Add { name, .. } => println!("disk {name} added"),
             DiskCmd::Remove { name } => println!("disk {name} removed"),
+            DiskCmd::Limits { name, .. } => println!("disk {name}: limits set"),
             DiskCmd::Stats { .. } => {
                 let cols = [
                     "reads",

@@ -2,7 +2,8 @@
 //! per line, one response per line (docs/control-api.md). `leapctl` is its command-line client.
 //!
 //! Methods: `leapd_version`, `disk_list`, `disk_add` (params: a `[[disk]]` table as JSON),
-//! `disk_remove` ({"name"}), `disk_stats` ({"name"} optional), `config_get`, `config_save`
+//! `disk_remove` ({"name"}), `disk_set_limits` ({"name", "iops", ...}), `disk_stats` ({"name"}
+//! optional), `config_get`, `config_save`
 //! ({"path"} optional: default the `--config` file).
 
 use crate::config::{ConfigOut, DiskConfig, Pollers};
@@ -63,6 +64,12 @@ impl Control {
             "disk_remove" => {
                 let name = name_param(&params, true).map_err(bad)?.unwrap_or_default();
                 self.daemon.remove(&name).map_err(failed)?;
+                Ok(Value::Bool(true))
+            }
+            "disk_set_limits" => {
+                let name = name_param(&params, true).map_err(bad)?.unwrap_or_default();
+                let limits = limits_param(&params).map_err(bad)?;
+                self.daemon.set_limits(&name, &limits).map_err(failed)?;
                 Ok(Value::Bool(true))
             }
             "disk_stats" => {
@@ -130,6 +137,36 @@ fn name_param(params: &Value, required: bool) -> Result<Option<String>, String> 
         None if required => Err("missing param `name`".into()),
         None => Ok(None),
     }
+}
+
+/// `iops`, `iops_rd`, `iops_wr` (numbers) and `bps`, `bps_rd`, `bps_wr` (numbers or sizes such
+/// as "100M"); absent: unlimited. Nothing else besides `name`.
+fn limits_param(params: &Value) -> Result<leap_runtime::throttle::Limits, String> {
+    let mut l = leap_runtime::throttle::Limits::default();
+    for (k, v) in params.as_object().into_iter().flatten() {
+        let num = |v: &Value| -> Result<u64, String> {
+            match v {
+                Value::Number(n) => n
+                    .as_u64()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| format!("{k}: a positive whole number")),
+                Value::String(s) if k.starts_with("bps") => crate::diskspec::parse_size(s),
+                _ => Err(format!("{k}: a positive whole number")),
+            }
+        };
+        let slot = match k.as_str() {
+            "name" => continue,
+            "iops" => &mut l.iops,
+            "iops_rd" => &mut l.iops_rd,
+            "iops_wr" => &mut l.iops_wr,
+            "bps" => &mut l.bps,
+            "bps_rd" => &mut l.bps_rd,
+            "bps_wr" => &mut l.bps_wr,
+            _ => return Err(format!("unknown param `{k}`")),
+        };
+        *slot = Some(num(v)?);
+    }
+    Ok(l)
 }
 
 fn error(id: Value, code: i64, message: String) -> Value {

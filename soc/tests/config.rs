@@ -175,6 +175,24 @@ fn the_example_config_serves_three_disks_at_once() {
     if let Err(e) = verified_io(&socks[1], 9, true, 512, 8, Duration::from_secs(20)) {
         failed.push(format!("ram0 after it was added back: {e:?}"));
     }
+    // Rate limits change live and are written back with the configuration.
+    leapctl(
+        ctl,
+        &[
+            "disk", "limits", "null0", "--iops", "20000", "--bps-wr", "100M",
+        ],
+    );
+    let cfg = leapctl(ctl, &["--json", "config", "get"]);
+    assert!(
+        cfg.contains("null,size=1G,iops=20000,bps-wr=104857600"),
+        "{cfg}"
+    );
+    if let Err(e) = verified_io(&socks[2], 7, false, 4096, 4, Duration::from_secs(20)) {
+        failed.push(format!("null0 with limits: {e:?}"));
+    }
+    leapctl(ctl, &["disk", "limits", "null0"]);
+    let cfg = leapctl(ctl, &["--json", "config", "get"]);
+    assert!(cfg.contains("\"null,size=1G\""), "{cfg}");
     let stats = leapctl(ctl, &["disk", "stats", "ram0"]);
     assert!(
         stats.lines().nth(1).is_some_and(|l| l.starts_with("ram0")),
