@@ -25,8 +25,53 @@ use std::time::Duration;
     about = "Leap: virtual NVMe storage runtime serving vhost-user-blk disks"
 )]
 struct Cli {
+    /// Log lines as text (default) or as JSON objects, one per line (`ts`, `level`, `target`,
+    /// `msg`, and each `key=value` field of an event line).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// One log record as a JSON object. A message made of `key=value` words (leapd's event lines:
+/// `event=disk_added disk=vm1 ...`) also gets each pair as a field.
+fn json_record(ts: &str, level: log::Level, target: &str, msg: &str) -> serde_json::Value {
+    let mut v =
+        serde_json::json!({ "ts": ts, "level": level.as_str(), "target": target, "msg": msg });
+    if msg.starts_with("event=") {
+        for word in msg.split_whitespace() {
+            if let Some((k, val)) = word.split_once('=') {
+                if !k.is_empty() && !["ts", "level", "target", "msg"].contains(&k) {
+                    v[k] = serde_json::Value::String(val.trim_matches('"').to_string());
+                }
+            }
+        }
+    }
+    v
+}
+
+fn init_logging(format: LogFormat) {
+    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    match format {
+        LogFormat::Text => {
+            b.format_timestamp_millis();
+        }
+        LogFormat::Json => {
+            b.format(|buf, r| {
+                use std::io::Write;
+                let ts = buf.timestamp_millis().to_string();
+                let msg = r.args().to_string();
+                writeln!(buf, "{}", json_record(&ts, r.level(), r.target(), &msg))
+            });
+        }
+    }
+    b.init();
 }
 
 #[derive(Subcommand)]
@@ -286,10 +331,8 @@ fn print_attach(o: &serve::ServeOptions, embedded: bool) {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     let r = match cli.cmd {
         Cmd::Serve(a) => serve(a),
         Cmd::Bench(a) => bench::run(a),
@@ -303,5 +346,27 @@ fn main() -> ExitCode {
             eprintln!("leapd: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_record;
+
+    #[test]
+    fn event_lines_become_json_fields() {
+        let v = json_record(
+            "2026-12-02T00:00:00.000Z",
+            log::Level::Info,
+            "leapd::daemon",
+            "event=disk_added disk=vm1 queues=2 socket=/run/a.sock",
+        );
+        assert_eq!(v["event"], "disk_added");
+        assert_eq!(v["disk"], "vm1");
+        assert_eq!(v["queues"], "2");
+        assert_eq!(v["level"], "INFO");
+        let plain = json_record("t", log::Level::Warn, "x", "a=b but not an event");
+        assert!(plain.get("a").is_none());
+        assert_eq!(plain["msg"], "a=b but not an event");
     }
 }
