@@ -275,7 +275,7 @@ pub fn load(path: &Path) -> Result<Checked, String> {
 }
 
 /// `./a/../b.sock` and `b.sock` are the same socket.
-fn normalize(p: &Path) -> PathBuf {
+pub(crate) fn normalize(p: &Path) -> PathBuf {
     let abs = if p.is_absolute() {
         p.to_path_buf()
     } else {

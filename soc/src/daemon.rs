@@ -73,7 +73,11 @@ impl Daemon {
             if disks.contains_key(&disk.name) {
                 return Err(format!("disk `{}` already exists", disk.name));
             }
-            if let Some(other) = disks.values().find(|r| r.disk.socket == disk.socket) {
+            let socket = crate::config::normalize(&disk.socket);
+            if let Some(other) = disks
+                .values()
+                .find(|r| crate::config::normalize(&r.disk.socket) == socket)
+            {
                 return Err(format!(
                     "disk `{}`: socket {} is disk `{}`'s",
                     disk.name,

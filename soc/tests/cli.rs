@@ -54,19 +54,25 @@ fn serve(dir: &Path, extra: &[&str]) -> Child {
         .spawn()
         .unwrap();
     // Ready when it logs that it serves (the socket may exist already: a stale one).
+    log_until(&mut child, "serving");
+    wait_for(&sock);
+    child
+}
+
+/// Reads a leapd child's log (its piped stderr) up to the first line containing `needle`, and
+/// returns that line; the rest is drained in the background so leapd never blocks on the pipe.
+fn log_until(child: &mut Child, needle: &str) -> String {
     let mut err = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
-    while !line.contains("serving") {
+    while !line.contains(needle) {
         line.clear();
         assert!(
             err.read_line(&mut line).unwrap() > 0,
-            "leapd exited before serving"
+            "leapd exited before logging {needle:?}"
         );
     }
-    // Keep draining its log so it never blocks on a full pipe.
     std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    wait_for(&sock);
-    child
+    line
 }
 
 fn terminate(mut child: Child) -> std::process::ExitStatus {
@@ -232,17 +238,8 @@ fn soc_mode_serves_a_disk_to_host_agents() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("to host agents on") {
-        line.clear();
-        assert!(
-            err.read_line(&mut line).unwrap() > 0,
-            "leapd exited before serving (last line: {line})"
-        );
-    }
+    let line = log_until(&mut child, "to host agents on");
     assert!(line.contains("platform socvm"), "{line}");
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
     assert!(terminate(child).success());
     // --socket belongs to host mode.
     fails_with(

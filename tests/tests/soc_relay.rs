@@ -72,6 +72,15 @@ fn used_idx(ram: &std::fs::File) -> u16 {
     u16::from_le_bytes(b)
 }
 
+/// Waits (at most 10 s) until the device has used `n` requests.
+fn wait_used(ram: &std::fs::File, n: u16, what: &str) {
+    let t = Instant::now();
+    while used_idx(ram) < n {
+        assert!(t.elapsed() < Duration::from_secs(10), "{what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 struct Agent {
     s: UnixStream,
     framer: Framer,
@@ -269,14 +278,7 @@ fn requests_are_served_through_the_window_and_only_control_crosses() {
     assert_eq!(used_idx(&ram), 1);
     request(&ram, 1, false, 8, 0x30000);
     a.send(Msg::Kick(0));
-    let t = Instant::now();
-    while used_idx(&ram) < 2 {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the read never completed"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_used(&ram, 2, "the read never completed");
     let mut back = vec![0u8; 512];
     ram.read_exact_at(&mut back, 0x30000).unwrap();
     assert_eq!(back, data, "read back through the window");
@@ -557,21 +559,11 @@ fn inflight_regions_through_a_window_resubmit_what_was_left() {
     assert_eq!(a.call(mem).0, 0);
     start_ring0(a);
     // No kick: the resubmitted request completes on its own.
-    let t = Instant::now();
-    while used_idx(&ram) < 1 {
-        assert!(t.elapsed() < Duration::from_secs(10), "never resubmitted");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_used(&ram, 1, "never resubmitted");
     // Read it back; the write happened once and only once.
     request(&ram, 1, false, 8, 0x30000);
     a.send(Msg::Kick(0));
-    while used_idx(&ram) < 2 {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the read never completed"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_used(&ram, 2, "the read never completed");
     let mut back = vec![0u8; 512];
     ram.read_exact_at(&mut back, 0x30000).unwrap();
     assert_eq!(back, data);

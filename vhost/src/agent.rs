@@ -124,7 +124,8 @@ pub struct LinkBytes {
 
 /// The connection to the SoC: requests wait for their Reply; Calls go to the hypervisor.
 pub struct Link {
-    tx: Mutex<Channel>,
+    /// The stream and the buffer messages are encoded into.
+    tx: Mutex<(Channel, Vec<u8>)>,
     sent: AtomicU64,
     received: AtomicU64,
     seq: AtomicU32,
@@ -179,7 +180,7 @@ impl Link {
             config: Vec::new(),
         });
         let link = Arc::new(Link {
-            tx: Mutex::new(stream),
+            tx: Mutex::new((stream, Vec::with_capacity(relay::HEADER + relay::MAX_BODY))),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             seq: AtomicU32::new(1),
@@ -205,10 +206,13 @@ impl Link {
     }
 
     fn send(&self, seq: u32, m: &Msg) -> Result<(), String> {
-        let mut out = Vec::new();
-        relay::encode(m, seq, &mut out).map_err(|e| e.to_string())?;
+        // One encode buffer, kept with the stream: no allocation per kick.
         let mut tx = self.tx.lock().map_err(|_| "poisoned")?;
-        tx.write_all(&out)
+        let (stream, out) = &mut *tx;
+        out.clear();
+        relay::encode(m, seq, out).map_err(|e| e.to_string())?;
+        stream
+            .write_all(out)
             .map_err(|e| format!("send to the SoC: {e}"))?;
         self.sent.fetch_add(out.len() as u64, Ordering::Relaxed);
         Ok(())
@@ -222,7 +226,7 @@ impl Link {
     /// Closes the link (the receiving thread ends and waiters are released).
     pub fn close(&self) {
         if let Ok(tx) = self.tx.lock() {
-            tx.shutdown();
+            tx.0.shutdown();
         }
     }
 
@@ -465,7 +469,12 @@ impl AgentDevice {
         let base = self
             .link
             .request(&Msg::VringStop(q as u16))
-            .map_err(|e| self.refuse(e))? as u16;
+            .map_err(|e| self.refuse(e))?;
+        let base = u16::try_from(base).map_err(|_| {
+            self.refuse(format!(
+                "queue {q}: the SoC says it stopped at {base}, not a ring index"
+            ))
+        })?;
         self.rings[q].running = false;
         self.rings[q].base = base;
         self.restart_kicker();

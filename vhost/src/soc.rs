@@ -370,6 +370,15 @@ pub fn serve_within<S: Read + Write + AsRawFd>(
     let mut framer = Framer::default();
     let mut buf = vec![0u8; 16 << 10];
     let mut heard = std::time::Instant::now();
+    // The channel, then each ring's completion eventfd: fixed for the session, built once.
+    let mut fds: Vec<libc::pollfd> = std::iter::once(stream.as_raw_fd())
+        .chain(dev.rings.iter().map(|r| r.call_rx.as_raw_fd()))
+        .map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     let result = loop {
         if stop.load(Ordering::Acquire) {
             break Ok(());
@@ -380,17 +389,8 @@ pub fn serve_within<S: Read + Write + AsRawFd>(
                 silence.as_secs_f64()
             ));
         }
-        let mut fds = vec![libc::pollfd {
-            fd: stream.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        for r in &dev.rings {
-            fds.push(libc::pollfd {
-                fd: r.call_rx.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
+        for f in fds.iter_mut() {
+            f.revents = 0;
         }
         // SAFETY: `fds` is a valid array of pollfd of the given length.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 200) };
