@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system packages Leap's tests need (QEMU and qemu-storage-daemon from
-# bookworm-backports, a guest kernel, busybox, fio, nvme-cli, the aarch64 cross toolchain). Idempotent and
+# bookworm-backports, a guest kernel, busybox, fio, nvme-cli, prometheus for the metrics test, the aarch64 cross toolchain). Idempotent and
 # quick when everything is there; needs root (skips otherwise). Prints what it does.
 # LEAP_INSTALL_ARM64=0 skips the aarch64 cross toolchain; LEAP_INSTALL_SOC=1 adds what the
 # emulated SoC machines need (scripts/soc-demo.sh): qemu-system-aarch64 (the arm64 16 KiB-page
@@ -32,7 +32,7 @@ if [ "$want_arm64" = 1 ] && ! dpkg --print-foreign-architectures | grep -qx arm6
   updated=0
 fi
 
-for p in qemu-system-x86 qemu-utils linux-image-amd64 busybox-static fio cpio kmod util-linux gzip nvme-cli; do need "$p"; done
+for p in qemu-system-x86 qemu-utils linux-image-amd64 busybox-static fio cpio kmod util-linux gzip nvme-cli prometheus; do need "$p"; done
 if [ "${LEAP_INSTALL_SOC:-0}" = 1 ]; then
   for p in qemu-system-arm binutils; do need "$p"; done
 fi

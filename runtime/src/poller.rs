@@ -10,7 +10,7 @@
 use crate::addr::AddressSpace;
 use crate::backend::BackendQueue;
 use crate::exec::{self, Kind, Namespaces, Scratch, Started};
-use crate::stats::{self, IoStats};
+use crate::stats::{self, IoStats, OpClass};
 use leap_queues::{queue_pair, Processor, Sqe, Status, Submitter};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -130,8 +130,15 @@ pub struct PollerStats {
     pub completed: AtomicU64,
     /// Poll rounds.
     pub rounds: AtomicU64,
-    /// Times the poller went to sleep.
+    /// Times the poller went to sleep (and so woke up again: its wake-ups).
     pub sleeps: AtomicU64,
+    /// Nanoseconds spent idle: spinning with nothing to do, or asleep (added when the idle
+    /// spell ends). Busy time is the poller's age ([`Poller::age`]) minus this and the sleep in
+    /// progress ([`Poller::busy`]).
+    pub idle_ns: AtomicU64,
+    /// While the poller sleeps: when its idle spell began, in nanoseconds of its age plus one;
+    /// 0 while awake.
+    pub idle_since_ns: AtomicU64,
     /// Commands still unfinished when the poller had to stop (a back end that never answered
     /// within [`PollerConfig::stop_timeout`]): abandoned, never completed to their front end.
     pub abandoned: AtomicU64,
@@ -150,6 +157,7 @@ struct Shared {
     stop: AtomicBool,
     wake: Waker,
     stats: PollerStats,
+    born: Instant,
 }
 
 /// A poller thread.
@@ -167,6 +175,35 @@ struct Cmd {
     status: Option<Status>,
     kind: Kind,
     bytes: u64,
+    /// When the command was taken off the queue pair ([`RoundClock`] nanoseconds).
+    t0: u64,
+}
+
+/// The poller's clock for latencies: read at most once per phase of a round with work (taking
+/// commands, reaping completions), so a batch shares one reading and an idle round reads none.
+struct RoundClock {
+    epoch: Instant,
+    now: Option<u64>,
+}
+
+impl RoundClock {
+    fn new() -> Self {
+        RoundClock {
+            epoch: Instant::now(),
+            now: None,
+        }
+    }
+    /// Forgets the last reading: the next `now` reads the clock.
+    fn tick(&mut self) {
+        self.now = None;
+    }
+    /// Nanoseconds since the poller started, read once per tick.
+    fn now(&mut self) -> u64 {
+        let epoch = self.epoch;
+        *self
+            .now
+            .get_or_insert_with(|| epoch.elapsed().as_nanos() as u64)
+    }
 }
 
 struct Pair {
@@ -186,6 +223,7 @@ struct Pair {
     /// state of the common path stays small).
     held_sqes: Vec<Sqe>,
     stats: Arc<IoStats>,
+    clock: RoundClock,
     /// Address spaces replaced while I/O was in flight, kept mapped until it drains.
     retired: Vec<Arc<AddressSpace>>,
     current: Arc<AddressSpace>,
@@ -205,6 +243,7 @@ impl Poller {
             stop: AtomicBool::new(false),
             wake,
             stats: PollerStats::default(),
+            born: Instant::now(),
         });
         let s = shared.clone();
         let c = cfg.clone();
@@ -230,6 +269,25 @@ impl Poller {
     /// Counters.
     pub fn stats(&self) -> &PollerStats {
         &self.shared.stats
+    }
+
+    /// How long the poller has run.
+    pub fn age(&self) -> Duration {
+        self.shared.born.elapsed()
+    }
+
+    /// Time spent doing work: its age minus the time it spent idle (spinning or asleep, the
+    /// sleep in progress included). Read racing a wake-up it may be off by that one spell.
+    pub fn busy(&self) -> Duration {
+        let st = &self.shared.stats;
+        let since = st.idle_since_ns.load(Ordering::Acquire);
+        let idle = Duration::from_nanos(st.idle_ns.load(Ordering::Relaxed));
+        let age = self.age();
+        let current = match since {
+            0 => Duration::ZERO,
+            s => age.saturating_sub(Duration::from_nanos(s - 1)),
+        };
+        age.saturating_sub(idle + current)
     }
 
     /// CPU time the poller thread has used.
@@ -286,6 +344,7 @@ impl Poller {
             held: VecDeque::with_capacity(depth as usize),
             held_sqes: vec![Sqe::default(); depth as usize],
             stats,
+            clock: RoundClock::new(),
             retired: Vec::new(),
             current,
             draining: None,
@@ -512,7 +571,9 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
         shared.stats.rounds.fetch_add(1, Ordering::Relaxed);
         if work > 0 {
             if idle_rounds > 0 {
-                spin.caught(idle_since.elapsed());
+                let idle = idle_since.elapsed();
+                spin.caught(idle);
+                stats::add(&shared.stats.idle_ns, idle.as_nanos() as u64);
             }
             idle_rounds = 0;
             continue;
@@ -565,6 +626,11 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
         }
         shared.stats.sleeps.fetch_add(1, Ordering::Relaxed);
         let slept_at = Instant::now();
+        let spell_began = idle_since.saturating_duration_since(shared.born);
+        shared
+            .stats
+            .idle_since_ns
+            .store(spell_began.as_nanos() as u64 + 1, Ordering::Release);
         // A command held back by a rate limit has no descriptor to wake us: look again soon.
         let timeout = if pairs.iter().any(|p| !p.held.is_empty()) {
             1
@@ -576,7 +642,12 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
             libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, timeout);
         }
         sleeping.store(false, Ordering::Relaxed);
-        spin.slept(slept_at.elapsed());
+        let slept = slept_at.elapsed();
+        spin.slept(slept);
+        // The spell's spinning before the sleep, and the sleep.
+        let idle = slept + slept_at.saturating_duration_since(idle_since);
+        stats::add(&shared.stats.idle_ns, idle.as_nanos() as u64);
+        shared.stats.idle_since_ns.store(0, Ordering::Release);
         for p in pairs.iter_mut() {
             p.port.disarm();
         }
@@ -647,6 +718,7 @@ fn class_of(sqe: &Sqe) -> u8 {
 /// One poll round over one pair. Returns the amount of work done.
 fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bool) -> usize {
     let mut work = 0;
+    p.clock.tick();
     if take_new {
         // Pick up a new address space (memory table change); keep the old one mapped while I/O
         // that translated through it is in flight.
@@ -711,13 +783,18 @@ fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bo
             status: None,
             kind: exec::kind(sqe.opcode()),
             bytes: (sqe.nlb() as u64) << shift,
+            t0: p.clock.now(),
         };
+        stats::inc(&p.stats.submitted);
         let class = class_of(&sqe);
         let held = if blocked & class != 0 {
             Held::Throttled
         } else {
             p.start(cid, &sqe, scratch)
         };
+        if matches!(held, Held::Throttled) {
+            stats::inc(&p.stats.throttled);
+        }
         match held {
             Held::No => {}
             Held::Room => blocked = CLASS_ALL,
@@ -728,11 +805,14 @@ fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bo
             p.held.push_back(cid);
         }
     }
+    // Completions are timed by a fresh reading (commands taken above may complete below).
+    p.clock.tick();
     let Pair {
         bqs,
         cmds,
         proc,
         stats,
+        clock,
         ..
     } = p;
     for bq in bqs.iter_mut().flatten() {
@@ -748,7 +828,7 @@ fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bo
             c.pending = c.pending.saturating_sub(1);
             if c.pending == 0 {
                 let st = c.status.unwrap_or(Status::SUCCESS);
-                count(stats, c, st);
+                count(stats, c, st, clock.now());
                 let _ = proc.complete(cid, st, 0);
             }
         });
@@ -761,7 +841,7 @@ fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bo
 
 fn finish(p: &mut Pair, cid: u16, status: Status) {
     let c = p.cmds[cid as usize];
-    count(&p.stats, &c, status);
+    count(&p.stats, &c, status, p.clock.now());
     if p.proc.complete(cid, status, 0).is_err() {
         crate::log_limited!(
             log::Level::Error,
@@ -770,7 +850,13 @@ fn finish(p: &mut Pair, cid: u16, status: Status) {
     }
 }
 
-fn count(s: &IoStats, c: &Cmd, status: Status) {
+fn count(s: &IoStats, c: &Cmd, status: Status, now: u64) {
+    let class = match c.kind {
+        Kind::Read => OpClass::Read,
+        Kind::Write => OpClass::Write,
+        _ => OpClass::Other,
+    };
+    s.latency[class as usize].record(now.saturating_sub(c.t0));
     if !status.is_success() {
         if status.sct() == 0 && status.sc() < 0x80
             || status == Status::LBA_OUT_OF_RANGE
@@ -1021,12 +1107,19 @@ mod tests {
         };
         // A queue pair 16 deep over a back end that takes 2 at a time.
         let stats = Arc::new(IoStats::default());
-        poller.attach(Box::new(port), nss, 32, 64, stats).unwrap();
+        poller
+            .attach(Box::new(port), nss, 32, 64, stats.clone())
+            .unwrap();
         let t = Instant::now();
         while statuses.lock().unwrap().len() < total as usize {
             assert!(t.elapsed() < Duration::from_secs(20), "commands stalled");
             std::thread::sleep(Duration::from_millis(1));
         }
+        // Every command was counted once taken and timed once completed.
+        assert_eq!(stats.submitted.load(Ordering::Relaxed), total as u64);
+        assert_eq!(stats.in_flight(), 0);
+        let timed: u64 = stats.latency.iter().map(|h| h.count()).sum();
+        assert_eq!(timed, total as u64);
         let seen = seen.lock().unwrap().clone();
         assert_eq!(
             seen,
@@ -1041,6 +1134,17 @@ mod tests {
             };
             assert_eq!(st, want, "command {seq}: the back end's status, unchanged");
         }
+    }
+
+    #[test]
+    fn an_idle_poller_counts_its_sleep_as_idle_time() {
+        let poller = Poller::spawn(PollerConfig::default()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // Asleep since it started (the sleep in progress counts), so nearly all of its age is
+        // idle; an accounting that missed the sleep would call it busy throughout.
+        let (age, busy) = (poller.age(), poller.busy());
+        assert!(busy < age / 2, "busy {busy:?} of {age:?}");
+        assert!(poller.stats().sleeps.load(Ordering::Relaxed) >= 1);
     }
 
     #[test]

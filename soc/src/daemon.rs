@@ -255,3 +255,17 @@ impl Daemon {
         }
     }
 }
+
+impl crate::metrics::Source for Daemon {
+    fn disks(&self) -> Vec<crate::metrics::DiskView> {
+        self.lock()
+            .values()
+            .map(|r| crate::metrics::DiskView {
+                name: r.disk.name.clone(),
+                io: r.ctx.io_stats.clone(),
+                malformed: r.ctx.stats.clone(),
+                backend: r.backend.clone(),
+            })
+            .collect()
+    }
+}

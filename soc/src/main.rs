@@ -5,6 +5,7 @@ mod bench;
 mod config;
 mod daemon;
 mod diskspec;
+mod metrics;
 mod platform;
 mod rpc;
 mod serve;
@@ -128,6 +129,9 @@ struct ServeArgs {
     /// No control API.
     #[arg(long, conflicts_with = "rpc_socket")]
     no_rpc: bool,
+    /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<String>,
     /// Number of virtqueues (default: one per CPU, at most 4).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=32))]
     queues: Option<u16>,
@@ -288,6 +292,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         cores: poll.cores.map(|c| c.0),
         listen: a.listen,
         rpc,
+        metrics: a.metrics,
         config_file: a.config.clone(),
         pollers_cfg,
     };

@@ -35,6 +35,8 @@ pub struct ServeOptions {
     pub listen: String,
     /// Host mode: the control API's socket (None: no control API).
     pub rpc: Option<RpcOptions>,
+    /// Where to serve Prometheus metrics (None: nowhere).
+    pub metrics: Option<String>,
     /// The `--config` file (where the control API writes changes back).
     pub config_file: Option<PathBuf>,
     /// The pollers section, as configured (written back with the disks).
@@ -313,11 +315,25 @@ pub fn run(
             }
         }
     };
+    let metrics = match &o.metrics {
+        None => None,
+        Some(addr) => {
+            match crate::metrics::MetricsServer::start(addr, daemon.clone(), pollers.clone()) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    drop(rpc);
+                    daemon.remove_all();
+                    return Err(e);
+                }
+            }
+        }
+    };
     let (stop, sig_thread) = stop_on_signal(signals)?;
     how_to_attach(o);
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(100));
     }
+    drop(metrics);
     drop(rpc);
     // Each disk's connection ends once its in-flight I/O completes; sockets go, back ends sync.
     daemon.remove_all();
@@ -370,6 +386,22 @@ fn run_soc(
         io_stats: Arc::new(DeviceIoStats::new(d.queues as usize)),
         writeback: true,
     };
+    let metrics = match &o.metrics {
+        None => None,
+        Some(addr) => Some(crate::metrics::MetricsServer::start(
+            addr,
+            Arc::new(crate::metrics::Fixed {
+                disks: vec![crate::metrics::DiskView {
+                    name: d.name.clone(),
+                    io: ctx.io_stats.clone(),
+                    malformed: ctx.stats.clone(),
+                    backend: backend.clone(),
+                }],
+                targets: Vec::new(),
+            }),
+            pollers.clone(),
+        )?),
+    };
     let (stop, sig_thread) = stop_on_signal(signals)?;
     let info = backend.info();
     log::info!(
@@ -383,6 +415,7 @@ fn run_soc(
     );
     let r = serve_agents(platform, &o.listen, &ctx, &bounce, &stop);
     drop(sig_thread);
+    drop(metrics);
     // Pollers drain in-flight work when dropped; then make the data durable.
     drop(ctx);
     drop(pollers);

@@ -50,6 +50,9 @@ pub struct TargetArgs {
     /// Refuse header and data digests (hosts then run without them).
     #[arg(long)]
     no_digests: bool,
+    /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<String>,
     #[command(flatten)]
     poll: crate::PollerArgs,
 }
@@ -106,6 +109,20 @@ pub fn run(platform: &dyn Platform, a: TargetArgs) -> Result<(), String> {
         Duration::from_micros(a.poll.idle_spin_us),
     )?;
     let target = Target::start(sub.clone(), &listen, pollers.clone()).map_err(|e| e.to_string())?;
+    let metrics = match &a.metrics {
+        None => None,
+        Some(m) => Some(crate::metrics::MetricsServer::start(
+            m,
+            std::sync::Arc::new(crate::metrics::Fixed {
+                disks: Vec::new(),
+                targets: vec![crate::metrics::TargetView {
+                    name: "target".to_string(),
+                    subsystem: sub.clone(),
+                }],
+            }),
+            pollers.clone(),
+        )?),
+    };
     let (tx, rx) = std::sync::mpsc::channel();
     let sig_thread = crate::signals::on_termination(signals, move |sig| {
         log::info!("{sig}: stopping the target");
@@ -138,6 +155,7 @@ pub fn run(platform: &dyn Platform, a: TargetArgs) -> Result<(), String> {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let _ = rx.recv();
+    drop(metrics);
     drop(target);
     drop(pollers);
     drop(sig_thread);

@@ -1,7 +1,6 @@
 //! The leapd binary as a user meets it: clear one-line errors, socket permissions, refusing a
 //! socket a live leapd serves, and a clean exit on SIGTERM.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -54,43 +53,13 @@ fn serve(dir: &Path, extra: &[&str]) -> Child {
         .spawn()
         .unwrap();
     // Ready when it logs that it serves (the socket may exist already: a stale one).
-    log_until(&mut child, "serving");
+    leap_tests::log_until(&mut child, "serving");
     wait_for(&sock);
     child
 }
 
 /// Reads a leapd child's log (its piped stderr) up to the first line containing `needle`, and
 /// returns that line; the rest is drained in the background so leapd never blocks on the pipe.
-fn log_until(child: &mut Child, needle: &str) -> String {
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains(needle) {
-        line.clear();
-        assert!(
-            err.read_line(&mut line).unwrap() > 0,
-            "leapd exited before logging {needle:?}"
-        );
-    }
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    line
-}
-
-fn terminate(mut child: Child) -> std::process::ExitStatus {
-    // SAFETY: kill(2) on the PID of a child we started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let t = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "leapd did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn bad_input_gets_one_line_errors() {
     let dir = tempfile::tempdir().unwrap();
@@ -180,7 +149,7 @@ fn sigterm_stops_cleanly_and_removes_the_socket() {
     assert_eq!(mode, 0o600, "socket is private by default");
     let img = std::fs::metadata(dir.path().join("d.img")).unwrap();
     assert_eq!(img.len(), 16 << 20, "size= creates the file");
-    let status = terminate(child);
+    let status = leap_tests::terminate(child);
     assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
     assert!(!sock.exists(), "socket removed on exit");
 }
@@ -206,13 +175,13 @@ fn socket_mode_is_honoured_and_a_live_socket_is_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(sock.exists(), "the live server's socket is left alone");
-    assert_eq!(terminate(child).code(), Some(0));
+    assert_eq!(leap_tests::terminate(child).code(), Some(0));
     // A stale socket (nobody listening) is replaced.
     std::os::unix::net::UnixListener::bind(&sock)
         .map(drop)
         .unwrap();
     let child = serve(dir.path(), &[]);
-    assert_eq!(terminate(child).code(), Some(0));
+    assert_eq!(leap_tests::terminate(child).code(), Some(0));
 }
 
 /// The SoC-mode command line as the SoC VM's job runs it: a window stand-in, a TCP listener, a
@@ -238,9 +207,9 @@ fn soc_mode_serves_a_disk_to_host_agents() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let line = log_until(&mut child, "to host agents on");
+    let line = leap_tests::log_until(&mut child, "to host agents on");
     assert!(line.contains("platform socvm"), "{line}");
-    assert!(terminate(child).success());
+    assert!(leap_tests::terminate(child).success());
     // --socket belongs to host mode.
     fails_with(
         &[

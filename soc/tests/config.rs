@@ -5,79 +5,9 @@
 //! (what completed is right, the others keep serving), `leapctl disk add` brings it back, and
 //! SIGTERM stops leapd cleanly.
 
-use leap_vhost::driver::{blk_request, Desc, Driver, DriverOptions};
-use leap_vhost::driver::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use vm_memory::{Bytes, GuestAddress};
-
-/// Writes `rounds` × 64 KiB of a pattern particular to `seed` and reads each back; on the null
-/// disk (which keeps nothing) the reads must return zeroes. Returns the rounds done, or the
-/// driver's error (the disk went away) with the rounds done before it; wrong data panics.
-fn verified_io(
-    sock: &Path,
-    seed: u8,
-    keeps_data: bool,
-    block: u64,
-    rounds: u64,
-    timeout: Duration,
-) -> Result<u64, (u64, String)> {
-    let mut d = Driver::connect(
-        sock,
-        DriverOptions {
-            queue_size: 64,
-            mem_size: 4 << 20,
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
-    let buf = d.alloc(128 << 10, 4096).unwrap();
-    let mut q = d.take_queues().remove(0);
-    let t = timeout;
-    for round in 0..rounds {
-        let data: Vec<u8> = (0..65536u64)
-            .map(|i| (i as u8).wrapping_mul(seed).wrapping_add(round as u8))
-            .collect();
-        d.memory().write_slice(&data, GuestAddress(buf)).unwrap();
-        let sector = (round % 64) * 128 * 512 / block * (block / 512);
-        let gone = |e: leap_vhost::driver::DriverError| (round, e.to_string());
-        let (st, _) = blk_request(
-            &mut q,
-            VIRTIO_BLK_T_OUT,
-            sector,
-            &[Desc::readable(buf, 65536)],
-            t,
-        )
-        .map_err(gone)?;
-        assert_eq!(st, VIRTIO_BLK_S_OK as u8, "{}: write", sock.display());
-        let (st, _) = blk_request(
-            &mut q,
-            VIRTIO_BLK_T_IN,
-            sector,
-            &[Desc::writable(buf + 65536, 65536)],
-            t,
-        )
-        .map_err(gone)?;
-        assert_eq!(st, VIRTIO_BLK_S_OK as u8, "{}: read", sock.display());
-        let mut back = vec![0u8; 65536];
-        d.memory()
-            .read_slice(&mut back, GuestAddress(buf + 65536))
-            .unwrap();
-        if keeps_data {
-            assert!(
-                back == data,
-                "{}: round {round} read back wrong data",
-                sock.display()
-            );
-        } else {
-            assert!(back.iter().all(|&b| b == 0), "null disk returned data");
-        }
-    }
-    drop(q);
-    d.disconnect();
-    Ok(rounds)
-}
 
 fn leapctl(dir: &Path, args: &[&str]) -> String {
     let out = leap_tests::program(env!("CARGO_BIN_EXE_leapctl"))
@@ -136,13 +66,15 @@ fn the_example_config_serves_three_disks_at_once() {
         .map(|(i, seed, keeps, block)| {
             let s = socks[i].clone();
             std::thread::spawn(move || {
-                verified_io(&s, seed, keeps, block, 48, Duration::from_secs(20))
+                leap_tests::verified_io(&s, seed, keeps, block, 48, Duration::from_secs(20))
             })
         })
         .collect();
     let ram = {
         let s = socks[1].clone();
-        std::thread::spawn(move || verified_io(&s, 5, true, 512, u64::MAX, Duration::from_secs(3)))
+        std::thread::spawn(move || {
+            leap_tests::verified_io(&s, 5, true, 512, u64::MAX, Duration::from_secs(3))
+        })
     };
     std::thread::sleep(Duration::from_millis(500));
     assert!(leapctl(ctl, &["disk", "remove", "ram0"]).contains("removed"));
@@ -172,7 +104,7 @@ fn the_example_config_serves_three_disks_at_once() {
             "ram,size=64M",
         ],
     );
-    if let Err(e) = verified_io(&socks[1], 9, true, 512, 8, Duration::from_secs(20)) {
+    if let Err(e) = leap_tests::verified_io(&socks[1], 9, true, 512, 8, Duration::from_secs(20)) {
         failed.push(format!("ram0 after it was added back: {e:?}"));
     }
     // Rate limits change live and are written back with the configuration.
@@ -187,7 +119,7 @@ fn the_example_config_serves_three_disks_at_once() {
         cfg.contains("null,size=1G,iops=20000,bps-wr=104857600"),
         "{cfg}"
     );
-    if let Err(e) = verified_io(&socks[2], 7, false, 4096, 4, Duration::from_secs(20)) {
+    if let Err(e) = leap_tests::verified_io(&socks[2], 7, false, 4096, 4, Duration::from_secs(20)) {
         failed.push(format!("null0 with limits: {e:?}"));
     }
     leapctl(ctl, &["disk", "limits", "null0"]);

@@ -118,6 +118,15 @@ impl Backend for BounceBackend {
     fn direct_fallbacks(&self) -> u64 {
         self.inner.direct_fallbacks()
     }
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let w = self.window_bytes();
+        let mut c = vec![
+            ("window_bytes_in", w.from_window),
+            ("window_bytes_out", w.to_window),
+        ];
+        c.extend(self.inner.counters());
+        c
+    }
 }
 
 /// A request in flight through a bounce slot.

@@ -293,6 +293,9 @@ impl Backend for Arc<FileBackend> {
     fn direct_fallbacks(&self) -> u64 {
         self.as_ref().direct_fallbacks()
     }
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![("direct_fallbacks", self.as_ref().direct_fallbacks())]
+    }
 }
 
 /// Where a Write Zeroes request is in its fallback chain.

@@ -149,6 +149,12 @@ pub trait Backend: Send + Sync {
     fn direct_fallbacks(&self) -> u64 {
         0
     }
+    /// Events the back end counts for the operator, as (name, total): reconnects and retries of
+    /// a remote one, page-cache fallbacks of a file, bytes through a window. Read when metrics
+    /// are scraped; the names are stable metric labels.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// One poller's queue on a [`Backend`]. Not shared: all calls come from the owning poller thread.

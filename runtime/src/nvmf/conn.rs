@@ -415,6 +415,8 @@ pub struct Tx {
     /// Bytes of the front item already sent.
     sent: usize,
     iov: Vec<libc::iovec>,
+    /// PDUs queued so far.
+    pushed: u64,
 }
 
 // SAFETY: the raw pointers in queued items describe memory the owning connection keeps valid
@@ -429,7 +431,13 @@ impl Tx {
             cap,
             sent: 0,
             iov: Vec::with_capacity(TX_IOV),
+            pushed: 0,
         }
+    }
+
+    /// PDUs queued since the queue was made.
+    pub fn pushed(&self) -> u64 {
+        self.pushed
     }
 
     /// Free places in the queue.
@@ -460,6 +468,7 @@ impl Tx {
         if self.q.len() == self.cap {
             return false;
         }
+        self.pushed += 1;
         self.q.push_back(TxItem {
             hdr,
             data,

@@ -579,6 +579,19 @@ impl Backend for Arc<NvmeTcpBackend> {
     fn kind(&self) -> &'static str {
         "nvme-tcp"
     }
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = self.stats();
+        [
+            ("reconnects", &s.reconnects),
+            ("retries", &s.retries),
+            ("resent", &s.resent),
+            ("timeouts", &s.timeouts),
+            ("protocol_errors", &s.protocol_errors),
+        ]
+        .into_iter()
+        .map(|(n, c)| (n, c.load(Ordering::Relaxed)))
+        .collect()
+    }
     fn nvme_native(&self) -> bool {
         true
     }

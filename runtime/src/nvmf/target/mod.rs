@@ -126,6 +126,42 @@ pub struct TargetStats {
     pub keep_alive_timeouts: AtomicU64,
 }
 
+/// Counters of one connected queue, written only by the poller serving it.
+#[derive(Debug, Default)]
+pub(crate) struct QueueStats {
+    /// I/O commands (the queue pair's counters).
+    io: Arc<IoStats>,
+    /// PDUs received whole.
+    pdus_rx: AtomicU64,
+    /// PDUs queued to send.
+    pdus_tx: AtomicU64,
+}
+
+impl QueueStats {
+    fn absorb(&self, other: &QueueStats) {
+        self.io.absorb(&other.io);
+        for (a, b) in [
+            (&self.pdus_rx, &other.pdus_rx),
+            (&self.pdus_tx, &other.pdus_tx),
+        ] {
+            a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+}
+
+/// A target's traffic, summed over its queues (open and closed).
+#[derive(Debug)]
+pub struct TargetTotals {
+    /// PDUs received.
+    pub pdus_rx: u64,
+    /// PDUs sent.
+    pub pdus_tx: u64,
+    /// Queues (admin and I/O) connected now.
+    pub open_queues: usize,
+    /// I/O counters and latency histograms.
+    pub io: Arc<IoStats>,
+}
+
 fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
@@ -157,8 +193,10 @@ pub struct Subsystem {
     next_cntlid: Mutex<u16>,
     inflight: AtomicU32,
     stats: TargetStats,
-    /// Per-queue I/O counters, summed for the SMART log.
-    io_stats: Mutex<Vec<Weak<IoStats>>>,
+    /// Per-queue counters of the connected queues, summed for the SMART log and metrics.
+    queues: Mutex<Vec<Weak<QueueStats>>>,
+    /// The counters of queues that have closed, so totals never go back.
+    closed: QueueStats,
     /// Discovery log records (the ports we listen on).
     discovery: Mutex<DiscoverySnapshot>,
 }
@@ -188,7 +226,8 @@ impl Subsystem {
             next_cntlid: Mutex::new(1),
             inflight: AtomicU32::new(0),
             stats: TargetStats::default(),
-            io_stats: Mutex::new(Vec::new()),
+            queues: Mutex::new(Vec::new()),
+            closed: QueueStats::default(),
             discovery: Mutex::new(DiscoverySnapshot::default()),
             cfg,
         })
@@ -213,18 +252,35 @@ impl Subsystem {
         self.cfg.allowed_hosts.is_empty() || self.cfg.allowed_hosts.iter().any(|h| h == hostnqn)
     }
 
-    fn health(&self) -> HealthCounters {
-        let mut h = HealthCounters::default();
-        if let Ok(mut v) = self.io_stats.lock() {
+    /// The counters of every queue ever connected, summed (for metrics; off the I/O path).
+    pub fn totals(&self) -> TargetTotals {
+        let sum = QueueStats::default();
+        let mut open = 0;
+        if let Ok(mut v) = self.queues.lock() {
+            sum.absorb(&self.closed);
             v.retain(|w| w.strong_count() > 0);
             for s in v.iter().filter_map(|w| w.upgrade()) {
-                h.bytes_read += s.bytes_read.load(Ordering::Relaxed);
-                h.bytes_written += s.bytes_written.load(Ordering::Relaxed);
-                h.read_commands += s.reads.load(Ordering::Relaxed);
-                h.write_commands += s.writes.load(Ordering::Relaxed);
+                sum.absorb(&s);
+                open += 1;
             }
         }
-        h
+        TargetTotals {
+            pdus_rx: sum.pdus_rx.load(Ordering::Relaxed),
+            pdus_tx: sum.pdus_tx.load(Ordering::Relaxed),
+            open_queues: open,
+            io: sum.io,
+        }
+    }
+
+    fn health(&self) -> HealthCounters {
+        let t = self.totals();
+        HealthCounters {
+            bytes_read: t.io.bytes_read.load(Ordering::Relaxed),
+            bytes_written: t.io.bytes_written.load(Ordering::Relaxed),
+            read_commands: t.io.reads.load(Ordering::Relaxed),
+            write_commands: t.io.writes.load(Ordering::Relaxed),
+            ..HealthCounters::default()
+        }
     }
 
     fn discovery_log(&self, hostnqn: &str) -> DiscoverySnapshot {

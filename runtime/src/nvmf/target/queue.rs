@@ -1,6 +1,7 @@
 //! One NVMe/TCP queue (admin or I/O) of a host, as a [`Port`] a poller serves: PDUs in,
 //! commands to the controller or the queue pair, responses and data out.
 
+use super::QueueStats;
 use super::{inc, Association, Subsystem, COMMAND_INTERRUPTED, RX_BUDGET};
 use crate::addr::AddressSpace;
 use crate::controller::AdminOutcome;
@@ -154,7 +155,7 @@ pub(super) struct TcpQueue {
     iovs: Vec<libc::iovec>,
     /// Slots whose responses went out during a flush.
     sent: Vec<u32>,
-    stats: Arc<IoStats>,
+    stats: Arc<QueueStats>,
 }
 
 // SAFETY: `iovs` describe pool memory owned by this queue; the queue moves between threads only
@@ -184,8 +185,8 @@ impl TcpQueue {
         } else {
             (sub.io_cfg.ioccsz.saturating_sub(4) * 16).min(slot as u32)
         };
-        let stats = Arc::new(IoStats::default());
-        if let Ok(mut v) = sub.io_stats.lock() {
+        let stats = Arc::new(QueueStats::default());
+        if let Ok(mut v) = sub.queues.lock() {
             v.push(Arc::downgrade(&stats));
         }
         Ok(TcpQueue {
@@ -241,7 +242,7 @@ impl TcpQueue {
 
     /// The queue's I/O counters.
     pub(super) fn io_stats(&self) -> Arc<IoStats> {
-        self.stats.clone()
+        self.stats.io.clone()
     }
 
     /// Ends the connection (after a TermReq for `f`, if any). In-flight commands still complete
@@ -469,6 +470,7 @@ impl TcpQueue {
 
     /// A PDU is complete.
     fn on_pdu(&mut self, digest_ok: bool) -> Result<(), ConnError> {
+        self.stats.pdus_rx.fetch_add(1, Ordering::Relaxed);
         match self.cur {
             Receiving::Nothing => {}
             Receiving::Term => {
@@ -726,6 +728,9 @@ impl TcpQueue {
         if self.finished {
             return;
         }
+        self.stats
+            .pdus_tx
+            .store(self.tx.pushed(), Ordering::Relaxed);
         let mut sent = std::mem::take(&mut self.sent);
         let r = self.tx.flush(self.fd, &mut |t| sent.push(t));
         for &t in &sent {
@@ -894,6 +899,15 @@ impl Port for TcpQueue {
 
 impl Drop for TcpQueue {
     fn drop(&mut self) {
+        // Its counters join the subsystem's totals (the poller counts nothing after this).
+        self.stats
+            .pdus_tx
+            .store(self.tx.pushed(), Ordering::Relaxed);
+        // Under the list's lock, so a reader never counts them twice or not at all.
+        if let Ok(mut v) = self.sub.queues.lock() {
+            self.sub.closed.absorb(&self.stats);
+            v.retain(|w| !std::ptr::eq(w.as_ptr(), Arc::as_ptr(&self.stats)));
+        }
         for s in 0..self.slots.len() {
             if self.slots[s].admitted {
                 self.slots[s].admitted = false;
