@@ -865,14 +865,14 @@ fn count(s: &IoStats, c: &Cmd, status: Status, now: u64) {
             stats::inc(&s.invalid);
             crate::log_limited!(
                 log::Level::Warn,
-                "refused NVMe command ({:?}): {status}",
+                "event=command_refused op={:?} status=\"{status}\"",
                 c.kind
             );
         } else {
             stats::inc(&s.errors);
             crate::log_limited!(
                 log::Level::Warn,
-                "NVMe command ({:?}) failed: {status}",
+                "event=backend_error op={:?} status=\"{status}\"",
                 c.kind
             );
         }

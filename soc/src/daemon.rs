@@ -103,6 +103,7 @@ impl Daemon {
                 num_queues: disk.queues,
                 inflight: disk.inflight,
                 first_poller,
+                name: disk.name.clone(),
                 ..DeviceConfig::default()
             },
             stats: Arc::new(VhostStats::default()),

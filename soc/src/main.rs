@@ -46,15 +46,36 @@ fn json_record(ts: &str, level: log::Level, target: &str, msg: &str) -> serde_js
     let mut v =
         serde_json::json!({ "ts": ts, "level": level.as_str(), "target": target, "msg": msg });
     if msg.starts_with("event=") {
-        for word in msg.split_whitespace() {
-            if let Some((k, val)) = word.split_once('=') {
-                if !k.is_empty() && !["ts", "level", "target", "msg"].contains(&k) {
-                    v[k] = serde_json::Value::String(val.trim_matches('"').to_string());
-                }
+        for (k, val) in event_fields(msg) {
+            if !["ts", "level", "target", "msg"].contains(&k) {
+                v[k] = serde_json::Value::String(val);
             }
         }
     }
     v
+}
+
+/// The `key=value` pairs of an event line; a value in double quotes may hold spaces. Words that
+/// are not pairs (a rate limiter's "(and 3 similar messages suppressed)") are skipped.
+fn event_fields(msg: &str) -> Vec<(&str, String)> {
+    let mut out = Vec::new();
+    let mut rest = msg.trim_start();
+    while !rest.is_empty() {
+        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+        match rest[..end].split_once('=') {
+            Some((k, v)) if !k.is_empty() && v.starts_with('"') => {
+                let after = &rest[k.len() + 2..];
+                let close = after.find('"').unwrap_or(after.len());
+                out.push((k, after[..close].to_string()));
+                rest = after.get(close + 1..).unwrap_or("").trim_start();
+                continue;
+            }
+            Some((k, v)) if !k.is_empty() => out.push((k, v.to_string())),
+            _ => {}
+        }
+        rest = rest[end..].trim_start();
+    }
+    out
 }
 
 fn init_logging(format: LogFormat) {
@@ -370,6 +391,15 @@ mod tests {
         assert_eq!(v["disk"], "vm1");
         assert_eq!(v["queues"], "2");
         assert_eq!(v["level"], "INFO");
+        let quoted = json_record(
+            "t",
+            log::Level::Warn,
+            "leap_vhost::server",
+            "event=frontend_disconnected disk=d1 error=\"bad ring: index 9\" (and 2 similar messages suppressed)",
+        );
+        assert_eq!(quoted["error"], "bad ring: index 9");
+        assert_eq!(quoted["disk"], "d1");
+        assert!(quoted.get("(and").is_none());
         let plain = json_record("t", log::Level::Warn, "x", "a=b but not an event");
         assert!(plain.get("a").is_none());
         assert_eq!(plain["msg"], "a=b but not an event");

@@ -380,6 +380,7 @@ fn run_soc(
         config: DeviceConfig {
             num_queues: d.queues,
             inflight: d.inflight,
+            name: d.name.clone(),
             ..DeviceConfig::default()
         },
         stats: Arc::new(VhostStats::default()),

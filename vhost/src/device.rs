@@ -44,6 +44,8 @@ pub struct DeviceConfig {
     /// The poller of queue 0; queue q runs on poller (first_poller + q) mod pollers, so the
     /// queues of several disks sharing pollers spread over all of them.
     pub first_poller: usize,
+    /// The disk's name in log events (`disk=NAME`).
+    pub name: String,
 }
 
 impl Default for DeviceConfig {
@@ -56,6 +58,7 @@ impl Default for DeviceConfig {
             max_discard_seg: 32,
             inflight: true,
             first_poller: 0,
+            name: "disk0".into(),
         }
     }
 }
@@ -331,11 +334,19 @@ impl BlkDevice {
         };
         match self.ctx.pollers[pi].detach_within(id, timeout) {
             Ok(port) => drop(port),
-            Err(e) => log::warn!("queue {q}: stopping: {e}"),
+            Err(e) => log::warn!(
+                "event=queue_stop_error disk={} queue={q} error=\"{e}\"",
+                self.ctx.config.name
+            ),
         }
         let r = &mut self.rings[q];
         r.base = r.stopped_at.load(Ordering::Acquire) as u16;
-        log::debug!("queue {q} stopped at {}", r.base);
+        log_limited!(
+            log::Level::Info,
+            "event=queue_stopped disk={} queue={q} at={}",
+            self.ctx.config.name,
+            r.base
+        );
     }
 
     /// Stops every queue, completing what is in flight, waiting at most `timeout` per queue
@@ -557,7 +568,13 @@ pub(crate) fn start_ring(
     if let Err(e) = p.call.signal() {
         log::debug!("queue {q}: start signal: {e}");
     }
-    log::debug!("queue {q} ({} entries) started on poller {pi}", p.size);
+    log_limited!(
+        log::Level::Info,
+        "event=queue_started disk={} queue={q} size={} poller={pi} base={}",
+        ctx.config.name,
+        p.size,
+        p.base
+    );
     Ok((pi, id))
 }
 

@@ -151,6 +151,14 @@ impl Server {
         })
     }
 
+    /// `disk=NAME socket=PATH` (no disk for a relayed device), for event lines.
+    fn who(&self) -> String {
+        match &self.ctx {
+            Some(c) => format!("disk={} socket={}", c.config.name, self.path.display()),
+            None => format!("socket={}", self.path.display()),
+        }
+    }
+
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -226,7 +234,8 @@ impl Server {
         if self.stop.stopped() {
             self.stop.stop();
         }
-        log::info!("{}: front end connected", self.path.display());
+        let who = self.who();
+        log_limited!(log::Level::Info, "event=frontend_connected {who}");
         let end = loop {
             match handler.handle_request() {
                 Ok(()) => {}
@@ -265,10 +274,18 @@ impl Server {
             Err(p) => p.into_inner().shutdown(Some(DRAIN_TIMEOUT)),
         }
         match end {
-            Ok(()) => log::info!("{}: front end disconnected", self.path.display()),
-            Err(e) => log::warn!("{}: connection ended: {e}", self.path.display()),
+            Ok(()) => log_limited!(log::Level::Info, "event=frontend_disconnected {who}"),
+            Err(e) => log_limited!(
+                log::Level::Warn,
+                "event=frontend_disconnected {who} error=\"{}\"",
+                e.replace('"', "'")
+            ),
         }
-        log::info!("{}: totals: {}", self.path.display(), self.counters());
+        log_limited!(
+            log::Level::Info,
+            "event=frontend_totals {who} {}",
+            self.counters()
+        );
         Ok(())
     }
 }
