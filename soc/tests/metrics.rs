@@ -52,6 +52,33 @@ fn query(prom: &str, q: &str) -> Option<f64> {
     v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
 }
 
+/// Whether Prometheus accepts and evaluates `q` (status "success").
+fn evaluates(prom: &str, q: &str) -> Result<(), String> {
+    let (status, body) =
+        get(prom, &format!("/api/v1/query?query={}", encode(q))).map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+    if status == 200 && v["status"] == "success" {
+        Ok(())
+    } else {
+        Err(format!("{status}: {body}"))
+    }
+}
+
+/// The PromQL expressions of the Grafana dashboard, with its variables filled in.
+fn dashboard_queries() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/grafana-leapd.json");
+    let d: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut out = Vec::new();
+    for p in d["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let e = t["expr"].as_str().unwrap();
+            out.push(e.replace("$__rate_interval", "10s").replace("$disk", ".*"));
+        }
+    }
+    out
+}
+
 /// The value of the sample on the line that starts with `series` in a scrape.
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
@@ -147,6 +174,23 @@ fn the_prometheus_server_scrapes_leapd() {
         assert!(text.contains(family), "no `{family}` in:\n{text}");
     }
     assert_eq!(get(&addr, "/nothing").unwrap().0, 404);
+    // Every metric the Grafana dashboard plots is one leapd exports.
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 10, "{queries:?}");
+    for q in &queries {
+        for name in q
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("leap_"))
+        {
+            let base = ["_total", "_bucket"]
+                .iter()
+                .fold(name, |n, s| n.strip_suffix(s).unwrap_or(n));
+            assert!(
+                text.contains(&format!("# TYPE {base} ")),
+                "the dashboard plots {name}, which leapd does not export"
+            );
+        }
+    }
 
     // Prometheus scraping leapd every second.
     let prom_addr = format!("127.0.0.1:{}", free_port());
@@ -205,6 +249,11 @@ fn the_prometheus_server_scrapes_leapd() {
         )
     });
     assert_eq!(up, Some(1.0), "the scrape of leapd is not up");
+    for q in &queries {
+        if let Err(e) = evaluates(&prom_addr, q) {
+            panic!("Prometheus refuses the dashboard's query {q}: {e}");
+        }
+    }
     eprintln!("prometheus: ram0 read rate {rate:.1}/s after {rounds} rounds of I/O");
 
     // What the reads left in the histogram and the poller counters.
