@@ -105,6 +105,23 @@ impl Namespaces {
     pub fn single(ns: Arc<Namespace>) -> Arc<Self> {
         Self::new(vec![ns])
     }
+    /// NSIDs 1..=n for the given namespaces, with empty slots up to `slots` NSIDs in all (room
+    /// to attach namespaces later without changing the controller's NN).
+    pub fn with_slots(list: Vec<Arc<Namespace>>, slots: usize) -> Arc<Self> {
+        let mut list: Vec<Option<Arc<Namespace>>> = list.into_iter().map(Some).collect();
+        if list.len() < slots {
+            list.resize(slots, None);
+        }
+        Arc::new(Namespaces { list })
+    }
+    /// A copy of this table with NSID `nsid` attached to `ns` (or detached, with `None`). None if
+    /// `nsid` is outside the table.
+    pub fn with(&self, nsid: u32, ns: Option<Arc<Namespace>>) -> Option<Arc<Self>> {
+        let k = (nsid as usize).checked_sub(1)?;
+        let mut list = self.list.clone();
+        *list.get_mut(k)? = ns;
+        Some(Arc::new(Namespaces { list }))
+    }
     /// The namespace with this NSID, if it is active.
     pub fn get(&self, nsid: u32) -> Option<&Arc<Namespace>> {
         let k = (nsid as usize).checked_sub(1)?;

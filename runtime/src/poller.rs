@@ -48,6 +48,13 @@ pub trait Port: Send {
     fn finished(&self) -> bool {
         false
     }
+    /// The namespaces this front end's commands address, when they changed since the last call
+    /// (an NVMe/TCP subsystem attached or detached one live); asked once per round, so it should
+    /// cost one atomic load when nothing changed. The poller opens back-end queues for new
+    /// namespaces and keeps the queues of detached ones until what they hold completes.
+    fn namespaces_changed(&mut self) -> Option<Arc<Namespaces>> {
+        None
+    }
 }
 
 /// How a poller behaves.
@@ -226,6 +233,10 @@ struct Pair {
     clock: RoundClock,
     /// Address spaces replaced while I/O was in flight, kept mapped until it drains.
     retired: Vec<Arc<AddressSpace>>,
+    /// Back-end queues of namespaces detached while they had commands in flight, polled until
+    /// those complete, with the tables that held their namespaces.
+    detached: Vec<Box<dyn BackendQueue>>,
+    detached_nss: Vec<Arc<Namespaces>>,
     current: Arc<AddressSpace>,
     draining: Option<mpsc::Sender<Box<dyn Port>>>,
 }
@@ -346,6 +357,8 @@ impl Poller {
             stats,
             clock: RoundClock::new(),
             retired: Vec::new(),
+            detached: Vec::new(),
+            detached_nss: Vec::new(),
             current,
             draining: None,
         });
@@ -594,7 +607,7 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
         crate::eventfd::drain(wake_fd);
         let mut raced = false;
         for p in pairs.iter_mut() {
-            for q in p.bqs.iter_mut().flatten() {
+            for q in p.bqs.iter_mut().flatten().chain(p.detached.iter_mut()) {
                 raced |= q.clear_wake();
             }
             raced |= p.port.arm();
@@ -615,7 +628,12 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
             revents: 0,
         });
         for p in pairs.iter() {
-            let bq_fds = p.bqs.iter().flatten().map(|q| q.wake_fd());
+            let bq_fds = p
+                .bqs
+                .iter()
+                .flatten()
+                .chain(p.detached.iter())
+                .map(|q| q.wake_fd());
             for fd in bq_fds.chain([p.port.wake_fd()]).flatten() {
                 pollfds.push(libc::pollfd {
                     fd,
@@ -656,9 +674,52 @@ fn run(shared: Arc<Shared>, cfg: PollerConfig) {
 }
 
 impl Pair {
-    /// Back-end operations in flight, over all namespaces.
+    /// Back-end operations in flight, over all namespaces (detached ones included).
     fn in_flight(&self) -> usize {
-        self.bqs.iter().flatten().map(|q| q.in_flight()).sum()
+        let detached: usize = self.detached.iter().map(|q| q.in_flight()).sum();
+        self.bqs
+            .iter()
+            .flatten()
+            .map(|q| q.in_flight())
+            .sum::<usize>()
+            + detached
+    }
+
+    /// Moves to namespace table `new`: an NSID whose namespace stayed keeps its queue; a new
+    /// one gets a queue (a back end that cannot open one leaves the NSID answering Invalid
+    /// Namespace, logged); a detached one's queue is dropped, or kept polling until what it
+    /// holds completes. Control path: runs once per change.
+    fn switch_namespaces(&mut self, new: Arc<Namespaces>) {
+        let old = std::mem::replace(&mut self.nss, new);
+        let slots = old.slots().max(self.nss.slots());
+        self.bqs.resize_with(slots, || None);
+        let depth = self.cmds.len();
+        for k in 0..slots {
+            let nsid = k as u32 + 1;
+            let same = match (old.get(nsid), self.nss.get(nsid)) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            };
+            if same {
+                continue;
+            }
+            if let Some(q) = self.bqs[k].take() {
+                if q.in_flight() > 0 {
+                    self.detached.push(q);
+                }
+            }
+            if let Some(ns) = self.nss.get(nsid) {
+                match ns.backend().open_queue(depth) {
+                    Ok(q) => self.bqs[k] = Some(q),
+                    Err(e) => log::warn!("event=namespace_queue_error nsid={nsid} error=\"{e}\""),
+                }
+            }
+        }
+        self.bqs.truncate(self.nss.slots());
+        if !self.detached.is_empty() {
+            self.detached_nss.push(old);
+        }
     }
 
     /// Starts command `cid`, or says why it must wait (nothing was started then).
@@ -728,6 +789,9 @@ fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bo
             if p.in_flight() > 0 || !p.held.is_empty() {
                 p.retired.push(old);
             }
+        }
+        if let Some(nss) = p.port.namespaces_changed() {
+            p.switch_namespaces(nss);
         }
         work += p.port.submit(&mut p.sq);
         p.sq.publish();
@@ -809,13 +873,14 @@ fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bo
     p.clock.tick();
     let Pair {
         bqs,
+        detached,
         cmds,
         proc,
         stats,
         clock,
         ..
     } = p;
-    for bq in bqs.iter_mut().flatten() {
+    for bq in bqs.iter_mut().flatten().chain(detached.iter_mut()) {
         bq.flush();
         work += bq.poll(&mut |tag, status| {
             let cid = tag as u16;
@@ -832,6 +897,12 @@ fn round(p: &mut Pair, scratch: &mut Scratch, pstats: &PollerStats, take_new: bo
                 let _ = proc.complete(cid, st, 0);
             }
         });
+    }
+    if !p.detached.is_empty() {
+        p.detached.retain(|q| q.in_flight() > 0);
+        if p.detached.is_empty() {
+            p.detached_nss.clear();
+        }
     }
     p.proc.publish();
     let done = p.port.complete(&mut p.sq);

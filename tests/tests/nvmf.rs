@@ -413,3 +413,145 @@ fn data_beyond_the_transfer_and_reused_command_ids() {
         "the id is free again"
     );
 }
+
+/// Namespaces attached and detached while hosts are connected: a host that enabled Namespace
+/// Attribute notices gets the event and the Changed Namespace List names the NSID; Identify's
+/// active list follows; an I/O queue connected before the change reaches the new namespace;
+/// I/O on the namespace that stays never stops; a detached NSID answers Invalid Namespace.
+#[test]
+fn namespaces_come_and_go_while_hosts_stay_connected() {
+    use leap_queues::nvme::{admin, cns, feature};
+    use leap_runtime::nvmf::fabrics::{property_get_sqe, property_set_sqe, property_value};
+    use leap_runtime::nvmf::fabrics::{reg, PropSize};
+    use leap_runtime::Namespace;
+    let t = TestTarget::start(target_config(NQN), vec![ram(64, 512)], 2);
+    let target = t.target.as_ref().unwrap();
+    assert_eq!(target.subsystem().namespaces().slots(), 32, "room for 32");
+
+    // Steady verified I/O on NSID 1 for the whole test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let b1 = connect(initiator(t.addr, NQN, 1, 32));
+    let (s2, b1c) = (stop.clone(), b1.clone());
+    let steady = std::thread::spawn(move || {
+        let mut d = Driver::new(&b1c, 32);
+        let mut rounds = 0u32;
+        while !s2.load(Ordering::Relaxed) {
+            d.write_verify(0, 256, 8, rounds as u8, 16);
+            rounds += 1;
+        }
+        rounds
+    });
+
+    // A host's admin queue, enabled, with Namespace Attribute notices on and an AER waiting.
+    let mut a = HostConn::connect(
+        t.addr,
+        &who(),
+        0,
+        32,
+        fabrics::CNTLID_DYNAMIC,
+        0,
+        false,
+        Duration::from_secs(10),
+    )
+    .expect("admin");
+    a.ok(
+        "CC.EN",
+        property_set_sqe(
+            0,
+            reg::CC,
+            PropSize::Four,
+            u64::from(leap_runtime::controller::cc::ENABLE),
+        ),
+        &[],
+        None,
+    )
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    while property_value(
+        &a.ok(
+            "CSTS",
+            property_get_sqe(0, reg::CSTS, PropSize::Four),
+            &[],
+            None,
+        )
+        .unwrap(),
+    ) & 1
+        == 0
+    {
+        assert!(t0.elapsed() < Duration::from_secs(10), "CSTS.RDY never set");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut s = leap_queues::Sqe::new(admin::SET_FEATURES, 0);
+    s.set_cdw(10, feature::ASYNC_EVENT_CONFIG as u32);
+    s.set_cdw(11, 1 << 8);
+    a.ok("AEC", s, &[], None).unwrap();
+    let aer = std::thread::spawn(move || {
+        let c = a
+            .command(
+                leap_queues::Sqe::new(admin::ASYNC_EVENT_REQUEST, 0),
+                &[],
+                None,
+            )
+            .expect("the AER completes");
+        let mut log = vec![0u8; 4096];
+        let mut s = leap_queues::Sqe::new(admin::GET_LOG_PAGE, 0);
+        s.set_nsid(0xffff_ffff);
+        s.set_cdw(10, 0x04 | (1023 << 16));
+        a.ok("Changed Namespace List", s, &[], Some(&mut log))
+            .unwrap();
+        let mut active = vec![0u8; 4096];
+        let mut s = leap_queues::Sqe::new(admin::IDENTIFY, 0);
+        s.set_cdw(10, cns::ACTIVE_NS_LIST as u32);
+        a.ok("active namespaces", s, &[], Some(&mut active))
+            .unwrap();
+        let ids = |b: &[u8]| -> Vec<u32> {
+            b.chunks(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                .take_while(|&n| n != 0)
+                .collect()
+        };
+        (c.dw0(), ids(&log), ids(&active))
+    });
+
+    std::thread::sleep(Duration::from_millis(200));
+    let ns2 = Namespace::new(ram(16, 512));
+    assert!(target.set_namespace(2, Some(ns2)).unwrap().is_none());
+    let (dw0, changed, active) = aer.join().unwrap();
+    assert_eq!(dw0 & 0x7, 2, "a Notice");
+    assert_eq!(
+        (dw0 >> 16) & 0xff,
+        0x04,
+        "pointing at the Changed Namespace List"
+    );
+    assert_eq!(changed, vec![2]);
+    assert_eq!(active, vec![1, 2]);
+
+    // A new host reaches NSID 2 with verified I/O; then it is detached under that host.
+    let mut cfg2 = initiator(t.addr, NQN, 1, 16);
+    cfg2.nsid = 2;
+    let b2 = connect(cfg2);
+    let mut d2 = Driver::new(&b2, 16);
+    d2.write_verify(0, 64, 8, 9, 8);
+    let old = target.set_namespace(2, None).unwrap();
+    assert!(old.is_some(), "NSID 2 was there");
+    let st = d2.run(
+        &[Op {
+            write: false,
+            slba: 0,
+            nlb: 8,
+        }],
+        &mut vec![0u8; 4096],
+        4096,
+        1,
+    );
+    assert_eq!(st[0], leap_queues::Status::INVALID_NAMESPACE, "{}", st[0]);
+    assert!(
+        target.set_namespace(33, None).is_err(),
+        "NSIDs beyond max_namespaces are refused"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    let rounds = steady.join().expect("I/O on NSID 1 never failed");
+    assert!(rounds > 0);
+    assert_eq!(t.sub.stats().fatal_errors.load(Ordering::Relaxed), 0);
+}

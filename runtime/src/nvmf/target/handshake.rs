@@ -234,7 +234,7 @@ pub(super) fn handshake(
         let (cfg, nss) = if discovery {
             (sub.disc_cfg.clone(), Arc::new(Namespaces::default()))
         } else {
-            (sub.io_cfg.clone(), sub.nss.clone())
+            (sub.io_cfg.clone(), sub.namespaces())
         };
         let mut ctrl = Controller::new(cfg, cntlid, cd.hostnqn, cd.hostid, cmd.kato, nss);
         let s = Arc::downgrade(sub);
@@ -262,6 +262,16 @@ pub(super) fn handshake(
         });
         if let Ok(mut m) = sub.assocs.lock() {
             m.insert(cntlid, a.clone());
+        }
+        // A namespace attached or detached between reading the table above and joining the
+        // associations would be missed: catch up (set_namespace updates joined ones itself).
+        if !discovery {
+            let now = sub.namespaces();
+            if let Ok(mut c) = a.ctrl.lock() {
+                if !Arc::ptr_eq(c.namespaces(), &now) {
+                    c.set_namespaces(now);
+                }
+            }
         }
         (a, 0)
     } else {
@@ -320,7 +330,7 @@ pub(super) fn handshake(
     let nss = if cmd.qid == 0 {
         Arc::new(Namespaces::default())
     } else {
-        sub.nss.clone()
+        sub.namespaces()
     };
     if let Err(e) = pollers[pi].attach(Box::new(q), nss, entries.max(2), 16, stats) {
         if cmd.is_admin() {

@@ -25,7 +25,7 @@ mod queue;
 use crate::controller::{
     Controller, ControllerConfig, DiscoveryEntryInfo, DiscoverySnapshot, HealthCounters,
 };
-use crate::exec::Namespaces;
+use crate::exec::{Namespace, Namespaces};
 use crate::log_limited;
 use crate::poller::Poller;
 use crate::stats::IoStats;
@@ -79,6 +79,9 @@ pub struct TargetConfig {
     pub digests: bool,
     /// Serial number reported in Identify Controller.
     pub serial: String,
+    /// NSIDs the subsystem has room for (Identify Controller NN): namespaces may be attached
+    /// live up to this many.
+    pub max_namespaces: u32,
 }
 
 impl Default for TargetConfig {
@@ -96,6 +99,7 @@ impl Default for TargetConfig {
             crdt: [1, 5, 20],
             digests: true,
             serial: "LEAP-TARGET".into(),
+            max_namespaces: 32,
         }
     }
 }
@@ -188,7 +192,10 @@ pub struct Subsystem {
     cfg: TargetConfig,
     io_cfg: Arc<ControllerConfig>,
     disc_cfg: Arc<ControllerConfig>,
-    nss: Arc<Namespaces>,
+    /// The namespace table; replaced (copy on write) when a namespace is attached or detached.
+    nss: Mutex<Arc<Namespaces>>,
+    /// Bumped (Release) after each replacement; queues compare it once per round.
+    ns_gen: AtomicU64,
     assocs: Mutex<HashMap<u16, Arc<Association>>>,
     next_cntlid: Mutex<u16>,
     inflight: AtomicU32,
@@ -202,8 +209,23 @@ pub struct Subsystem {
 }
 
 impl Subsystem {
-    /// A subsystem exporting `nss` as configured.
+    /// A subsystem exporting `nss` as configured (the table is widened to
+    /// `cfg.max_namespaces` NSIDs, so namespaces can be attached live).
     pub fn new(cfg: TargetConfig, nss: Arc<Namespaces>) -> Arc<Subsystem> {
+        let nss = if (nss.slots() as u64) < cfg.max_namespaces as u64 {
+            let list = (1..=nss.slots() as u32)
+                .map(|n| nss.get(n).cloned())
+                .collect::<Vec<_>>();
+            let mut t = Namespaces::with_slots(Vec::new(), cfg.max_namespaces as usize);
+            for (k, ns) in list.into_iter().enumerate() {
+                if let Some(x) = t.with(k as u32 + 1, ns) {
+                    t = x;
+                }
+            }
+            t
+        } else {
+            nss
+        };
         let io_cfg = ControllerConfig {
             subnqn: cfg.nqn.clone(),
             serial: cfg.serial.clone(),
@@ -221,7 +243,8 @@ impl Subsystem {
         Arc::new(Subsystem {
             io_cfg: Arc::new(io_cfg),
             disc_cfg: Arc::new(disc_cfg),
-            nss,
+            nss: Mutex::new(nss),
+            ns_gen: AtomicU64::new(0),
             assocs: Mutex::new(HashMap::new()),
             next_cntlid: Mutex::new(1),
             inflight: AtomicU32::new(0),
@@ -246,6 +269,47 @@ impl Subsystem {
     /// The configuration.
     pub fn config(&self) -> &TargetConfig {
         &self.cfg
+    }
+
+    /// The namespace table now.
+    pub fn namespaces(&self) -> Arc<Namespaces> {
+        self.nss.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Attaches `ns` as NSID `nsid` (or detaches NSID `nsid`, with `None`) while hosts are
+    /// connected: every controller of the subsystem records the change in its Changed Namespace
+    /// List and raises a Namespace Attribute Changed event (hosts that enabled it rescan), and
+    /// every I/O queue moves to the new table at its next round; commands in flight on a
+    /// detached namespace complete. Returns the namespace that was there. Wake the pollers
+    /// afterwards ([`Target::set_namespace`] does).
+    pub fn set_namespace(
+        &self,
+        nsid: u32,
+        ns: Option<Arc<Namespace>>,
+    ) -> Result<Option<Arc<Namespace>>, String> {
+        let mut cur = self.nss.lock().unwrap_or_else(|p| p.into_inner());
+        let old = cur.get(nsid).cloned();
+        let new = cur.with(nsid, ns).ok_or_else(|| {
+            format!(
+                "NSID {nsid} is outside 1..={} (the subsystem's max_namespaces)",
+                cur.slots()
+            )
+        })?;
+        *cur = new.clone();
+        if let Ok(a) = self.assocs.lock() {
+            for x in a.values() {
+                if let Ok(mut c) = x.ctrl.lock() {
+                    c.set_namespaces(new.clone());
+                }
+            }
+        }
+        self.ns_gen.fetch_add(1, Ordering::Release);
+        Ok(old)
+    }
+
+    /// The namespace generation (changes whenever the table does).
+    fn ns_gen(&self) -> u64 {
+        self.ns_gen.load(Ordering::Acquire)
     }
 
     fn host_allowed(&self, hostnqn: &str) -> bool {
@@ -322,6 +386,7 @@ impl Subsystem {
 /// A running target: listeners, the acceptor thread, and the subsystem.
 pub struct Target {
     sub: Arc<Subsystem>,
+    pollers: Arc<Vec<Poller>>,
     stop: Arc<OwnedFd>,
     thread: Option<std::thread::JoinHandle<()>>,
     addrs: Vec<SocketAddr>,
@@ -361,12 +426,13 @@ impl Target {
             )];
         }
         let stop = Arc::new(crate::eventfd::new()?);
-        let (s2, stop2) = (sub.clone(), stop.clone());
+        let (s2, stop2, p2) = (sub.clone(), stop.clone(), pollers.clone());
         let thread = std::thread::Builder::new()
             .name("leap-target-accept".into())
-            .spawn(move || accept_loop(s2, listeners, stop2, pollers))?;
+            .spawn(move || accept_loop(s2, listeners, stop2, p2))?;
         Ok(Target {
             sub,
+            pollers,
             stop,
             thread: Some(thread),
             addrs,
@@ -381,6 +447,20 @@ impl Target {
     /// The subsystem.
     pub fn subsystem(&self) -> &Arc<Subsystem> {
         &self.sub
+    }
+
+    /// [`Subsystem::set_namespace`], then wakes the pollers so idle queues move to the new
+    /// table (and admin queues send the event) now rather than at their next packet.
+    pub fn set_namespace(
+        &self,
+        nsid: u32,
+        ns: Option<Arc<Namespace>>,
+    ) -> Result<Option<Arc<Namespace>>, String> {
+        let old = self.sub.set_namespace(nsid, ns)?;
+        for p in self.pollers.iter() {
+            p.waker().wake();
+        }
+        Ok(old)
     }
 }
 

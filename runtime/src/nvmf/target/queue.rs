@@ -5,6 +5,7 @@ use super::QueueStats;
 use super::{inc, Association, Subsystem, COMMAND_INTERRUPTED, RX_BUDGET};
 use crate::addr::AddressSpace;
 use crate::controller::AdminOutcome;
+use crate::exec::Namespaces;
 use crate::log_limited;
 use crate::notify::Notifier;
 use crate::nvmf::conn::{ConnError, Pieces, Rx, RxEvent, Tx};
@@ -156,6 +157,8 @@ pub(super) struct TcpQueue {
     /// Slots whose responses went out during a flush.
     sent: Vec<u32>,
     stats: Arc<QueueStats>,
+    /// The subsystem's namespace generation this queue last saw.
+    ns_gen: u64,
 }
 
 // SAFETY: `iovs` describe pool memory owned by this queue; the queue moves between threads only
@@ -227,6 +230,7 @@ impl TcpQueue {
             ],
             sent: Vec::with_capacity(entries as usize * 3 + 8),
             stats,
+            ns_gen: sub.ns_gen(),
             sock,
             sub,
         })
@@ -707,7 +711,7 @@ impl TcpQueue {
         if self.discovery || self.assoc.flushing.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (nss, assoc) = (self.sub.nss.clone(), self.assoc.clone());
+        let (nss, assoc) = (self.sub.namespaces(), self.assoc.clone());
         let r = std::thread::Builder::new()
             .name("leap-target-flush".into())
             .spawn(move || {
@@ -765,6 +769,12 @@ impl TcpQueue {
                 self.close("controller reset", None);
             }
             return;
+        }
+        // Namespaces attached or detached: the controller holds events for the host.
+        let gen = self.sub.ns_gen();
+        if gen != self.ns_gen {
+            self.ns_gen = gen;
+            self.events();
         }
         // The admin queue's poller may sleep up to a second between rounds: look at the clock
         // every round (admin queues are few; I/O queues never get here).
@@ -894,6 +904,17 @@ impl Port for TcpQueue {
 
     fn finished(&self) -> bool {
         self.finished
+    }
+    fn namespaces_changed(&mut self) -> Option<Arc<Namespaces>> {
+        if self.qid == 0 || self.discovery {
+            return None;
+        }
+        let gen = self.sub.ns_gen();
+        if gen == self.ns_gen {
+            return None;
+        }
+        self.ns_gen = gen;
+        Some(self.sub.namespaces())
     }
 }
 
