@@ -33,6 +33,225 @@ pub struct Config {
     /// The disks.
     #[serde(default, rename = "disk")]
     pub disks: Vec<toml::Spanned<DiskConfig>>,
+    /// The NVMe/TCP targets.
+    #[serde(default, rename = "target")]
+    pub targets: Vec<toml::Spanned<TargetConfig>>,
+}
+
+/// `[[target]]`: an NVMe/TCP subsystem on one address, exporting namespaces, as `leapd target`
+/// takes it on its command line.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// A unique name (logs, metrics, the control API).
+    pub name: String,
+    /// Address to listen on, `IP:PORT` (4420 is NVMe/TCP's port).
+    pub listen: String,
+    /// The subsystem NQN (default `nqn.2026-12.io.leap:NAME`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nqn: Option<String>,
+    /// A separate discovery port on the same address (the I/O port answers discovery too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery_port: Option<u16>,
+    /// Logical block size of the namespaces, 512 or 4096 (default 512).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<u32>,
+    /// Only these host NQNs may connect (default: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_hosts: Vec<String>,
+    /// Hosts that may use the reserved share of capacity.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub priority_hosts: Vec<String>,
+    /// Commands in flight per I/O queue before retryable rejects (default 128).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_inflight: Option<u32>,
+    /// Commands in flight over all queues before retryable rejects (default 4096).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_inflight: Option<u32>,
+    /// Percent of max_inflight kept for priority hosts and retries (default 10, at most 90).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserve_pct: Option<u8>,
+    /// Largest I/O queue a host may connect, entries (default 128, 2..=1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_entries: Option<u16>,
+    /// Accept header and data digests (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digests: Option<bool>,
+    /// NSIDs the subsystem has room for; namespaces can be added live up to it (default 32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_namespaces: Option<u32>,
+    /// The namespaces.
+    #[serde(default, rename = "namespace")]
+    pub namespaces: Vec<NamespaceConfig>,
+}
+
+/// `[[target.namespace]]`: one namespace of a target.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    /// Its NSID (default: the lowest free one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nsid: Option<u32>,
+    /// The back end, in the `--disk` syntax.
+    pub disk: String,
+}
+
+/// A target after validation.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// Its name.
+    pub name: String,
+    /// The I/O address (and the discovery one, if separate).
+    pub listen: Vec<std::net::SocketAddr>,
+    /// The runtime configuration.
+    pub cfg: leap_runtime::nvmf::target::TargetConfig,
+    /// Logical block size.
+    pub block_size: u32,
+    /// (NSID, back end), every NSID given.
+    pub namespaces: Vec<(u32, DiskSpec)>,
+    /// What it was configured with, NSIDs filled in.
+    pub config: TargetConfig,
+}
+
+/// Checks a name: 1 to 64 letters, digits, `-`, `_` or `.`.
+fn check_name(n: &str) -> Result<(), String> {
+    if n.is_empty()
+        || n.len() > 64
+        || !n
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(format!(
+            "name `{n}`: use 1 to 64 letters, digits, `-`, `_` or `.`"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a `--disk` spec whose file must exist unless it has `size=`.
+pub(crate) fn check_spec(text: &str) -> Result<DiskSpec, String> {
+    let spec: DiskSpec = text.parse()?;
+    if let DiskKind::File(p) = &spec.kind {
+        if spec.size.is_none() && !p.exists() {
+            return Err(format!(
+                "{} does not exist (add `,size=SIZE` to create it)",
+                p.display()
+            ));
+        }
+    }
+    Ok(spec)
+}
+
+impl TargetConfig {
+    /// Checks every value; the error names the target and the key.
+    pub fn validate(&self) -> Result<Target, String> {
+        check_name(&self.name)?;
+        let n = &self.name;
+        let bad = |key: &str, why: String| format!("target `{n}`: {key}: {why}");
+        use std::net::ToSocketAddrs;
+        let addr = self
+            .listen
+            .to_socket_addrs()
+            .map_err(|e| bad("listen", format!("`{}`: {e} (IP:PORT)", self.listen)))?
+            .next()
+            .ok_or_else(|| bad("listen", format!("`{}`: no address", self.listen)))?;
+        let mut listen = vec![addr];
+        if let Some(p) = self.discovery_port.filter(|&p| p != 0 && p != addr.port()) {
+            listen.push(std::net::SocketAddr::new(addr.ip(), p));
+        }
+        let nqn = self
+            .nqn
+            .clone()
+            .unwrap_or_else(|| format!("nqn.2026-12.io.leap:{n}"));
+        if !nqn.starts_with("nqn.") || nqn.len() > 223 || nqn.contains(char::is_whitespace) {
+            return Err(bad(
+                "nqn",
+                format!("`{nqn}`: an NQN starts with `nqn.`, has no spaces and at most 223 bytes"),
+            ));
+        }
+        let block_size = match self.block_size {
+            None => 512,
+            Some(b) => crate::parse_block_size(&b.to_string()).map_err(|e| bad("block_size", e))?,
+        };
+        let d = leap_runtime::nvmf::target::TargetConfig::default();
+        let queue_entries = self.queue_entries.unwrap_or(d.max_queue_entries);
+        if !(2..=1024).contains(&queue_entries) {
+            return Err(bad(
+                "queue_entries",
+                format!("{queue_entries} is not between 2 and 1024"),
+            ));
+        }
+        let reserve_pct = self.reserve_pct.unwrap_or(d.reserve_pct);
+        if reserve_pct > 90 {
+            return Err(bad("reserve_pct", format!("{reserve_pct} is above 90")));
+        }
+        let max_namespaces = self.max_namespaces.unwrap_or(d.max_namespaces);
+        if !(1..=1024).contains(&max_namespaces) {
+            return Err(bad(
+                "max_namespaces",
+                format!("{max_namespaces} is not between 1 and 1024"),
+            ));
+        }
+        for (key, v) in [
+            ("queue_inflight", self.queue_inflight),
+            ("max_inflight", self.max_inflight),
+        ] {
+            if v == Some(0) {
+                return Err(bad(key, "must be at least 1".into()));
+            }
+        }
+        let mut namespaces: Vec<(u32, DiskSpec)> = Vec::new();
+        let mut config = self.clone();
+        config.nqn = Some(nqn.clone());
+        for (k, ns) in self.namespaces.iter().enumerate() {
+            let nsid = match ns.nsid {
+                Some(id) => id,
+                None => (1..=max_namespaces)
+                    .find(|id| {
+                        !namespaces.iter().any(|(x, _)| x == id)
+                            && !self.namespaces.iter().any(|o| o.nsid == Some(*id))
+                    })
+                    .ok_or_else(|| {
+                        bad(
+                            "namespace",
+                            format!("more than max_namespaces ({max_namespaces})"),
+                        )
+                    })?,
+            };
+            if nsid == 0 || nsid > max_namespaces {
+                return Err(bad(
+                    "namespace.nsid",
+                    format!("{nsid} is not between 1 and max_namespaces ({max_namespaces})"),
+                ));
+            }
+            if namespaces.iter().any(|(x, _)| *x == nsid) {
+                return Err(bad("namespace.nsid", format!("{nsid} is used twice")));
+            }
+            let spec = check_spec(&ns.disk).map_err(|e| bad("namespace.disk", e))?;
+            namespaces.push((nsid, spec));
+            config.namespaces[k].nsid = Some(nsid);
+        }
+        let cfg = leap_runtime::nvmf::target::TargetConfig {
+            nqn,
+            allowed_hosts: self.allow_hosts.clone(),
+            priority_hosts: self.priority_hosts.clone(),
+            max_queue_entries: queue_entries,
+            queue_inflight: self.queue_inflight.unwrap_or(d.queue_inflight),
+            total_inflight: self.max_inflight.unwrap_or(d.total_inflight),
+            reserve_pct,
+            digests: self.digests.unwrap_or(true),
+            max_namespaces,
+            ..d
+        };
+        Ok(Target {
+            name: n.clone(),
+            listen,
+            cfg,
+            block_size,
+            namespaces,
+            config,
+        })
+    }
 }
 
 /// `[pollers]`: the `--pollers`, `--cores`, `--idle-spin-us` and `--pin` options.
@@ -112,16 +331,7 @@ impl DiskConfig {
 
     fn check(&self, needs_socket: bool) -> Result<Disk, String> {
         let n = &self.name;
-        if n.is_empty()
-            || n.len() > 64
-            || !n
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(format!(
-                "name `{n}`: use 1 to 64 letters, digits, `-`, `_` or `.`"
-            ));
-        }
+        check_name(n)?;
         let bad = |key: &str, why: String| format!("disk `{n}`: {key}: {why}");
         if needs_socket && self.socket.as_os_str().is_empty() {
             return Err(bad("socket", "empty path".into()));
@@ -134,18 +344,7 @@ impl DiskConfig {
                 ));
             }
         }
-        let spec: DiskSpec = self.disk.parse().map_err(|e| bad("disk", e))?;
-        if let DiskKind::File(p) = &spec.kind {
-            if spec.size.is_none() && !p.exists() {
-                return Err(bad(
-                    "disk",
-                    format!(
-                        "{} does not exist (add `,size=SIZE` to create it)",
-                        p.display()
-                    ),
-                ));
-            }
-        }
+        let spec = check_spec(&self.disk).map_err(|e| bad("disk", e))?;
         let queues = match self.queues {
             None => crate::default_queues(),
             Some(q @ 1..=32) => q,
@@ -179,6 +378,9 @@ pub struct ConfigOut {
     pub pollers: Pollers,
     /// Disks.
     pub disk: Vec<DiskConfig>,
+    /// Targets.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub target: Vec<TargetConfig>,
 }
 
 impl ConfigOut {
@@ -196,11 +398,13 @@ fn line_of(text: &str, at: usize) -> usize {
     text[..at.min(text.len())].matches('\n').count() + 1
 }
 
-/// A checked configuration: its disks and poller options.
+/// A checked configuration: its disks, targets and poller options.
 #[derive(Clone, Debug)]
 pub struct Checked {
     /// The disks, in file order.
     pub disks: Vec<Disk>,
+    /// The targets, in file order.
+    pub targets: Vec<Target>,
     /// The poller options.
     pub pollers: Pollers,
     /// `pollers.cores`, parsed.
@@ -228,9 +432,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Checked, String> {
     if cfg.pollers.count == Some(0) {
         return Err(format!("{}: pollers.count: must be at least 1", where_(1)));
     }
-    if cfg.disks.is_empty() {
+    if cfg.disks.is_empty() && cfg.targets.is_empty() {
         return Err(format!(
-            "{}: no [[disk]] entries: nothing to serve",
+            "{}: no [[disk]] or [[target]] entries: nothing to serve",
             where_(1)
         ));
     }
@@ -261,8 +465,36 @@ pub fn parse(path: &Path, text: &str) -> Result<Checked, String> {
         }
         disks.push(disk);
     }
+    let mut targets: Vec<Target> = Vec::new();
+    let mut t_lines: Vec<usize> = Vec::new();
+    for t in &cfg.targets {
+        let line = line_of(text, t.span().start);
+        let target = t
+            .get_ref()
+            .validate()
+            .map_err(|e| format!("{}: {e}", where_(line)))?;
+        for (other, first) in targets.iter().zip(&t_lines) {
+            if other.name == target.name {
+                return Err(format!(
+                    "{}: target `{}`: name already used by the target at line {first}",
+                    where_(line),
+                    target.name
+                ));
+            }
+            if let Some(a) = target.listen.iter().find(|a| other.listen.contains(a)) {
+                return Err(format!(
+                    "{}: target `{}`: listen address {a} already used by the target at line {first}",
+                    where_(line),
+                    target.name
+                ));
+            }
+        }
+        targets.push(target);
+        t_lines.push(line);
+    }
     Ok(Checked {
         disks,
+        targets,
         pollers: cfg.pollers,
         cores,
     })
@@ -314,6 +546,18 @@ name = "null0"
 socket = "s/null0.sock"
 disk = "null,size=1G,iops=1000"
 block_size = 4096
+
+[[target]]
+name = "t0"
+listen = "127.0.0.1:4420"
+max_namespaces = 8
+
+[[target.namespace]]
+disk = "ram,size=16M"
+
+[[target.namespace]]
+nsid = 3
+disk = "null"
 "#;
 
     #[test]
@@ -332,11 +576,20 @@ block_size = 4096
         let out = ConfigOut {
             pollers: c.pollers.clone(),
             disk: c.disks.iter().map(|d| d.config.clone()).collect(),
+            target: c.targets.iter().map(|t| t.config.clone()).collect(),
         };
         let text = out.to_toml().unwrap();
         let again = parse(Path::new("saved.toml"), &text).unwrap();
         let cfgs = |c: &Checked| c.disks.iter().map(|d| d.config.clone()).collect::<Vec<_>>();
         assert_eq!(cfgs(&again), cfgs(&c));
+        let tcfgs = |c: &Checked| {
+            c.targets
+                .iter()
+                .map(|t| t.config.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(tcfgs(&again), tcfgs(&c));
+        assert_eq!(again.targets[0].namespaces[1].0, 3, "NSIDs are kept");
         assert_eq!(again.pollers.count, Some(2));
     }
 
@@ -367,6 +620,8 @@ block_size = 4096
         let disk = |extra: &str| {
             format!("[[disk]]\nname = \"d\"\nsocket = \"d.sock\"\ndisk = \"ram\"\n{extra}")
         };
+        let target =
+            |extra: &str| format!("[[target]]\nname = \"t\"\nlisten = \"127.0.0.1:4420\"\n{extra}");
         let two = "[[disk]]\nname = \"a\"\nsocket = \"x.sock\"\ndisk = \"ram\"\n\
                    [[disk]]\nname = \"b\"\nsocket = \"./x.sock\"\ndisk = \"null\"\n";
         let same_name = "[[disk]]\nname = \"a\"\nsocket = \"x.sock\"\ndisk = \"ram\"\n\
@@ -419,7 +674,49 @@ block_size = 4096
                 same_name.into(),
                 "leapd.toml:5: disk `a`: name already used by the disk at line 1",
             ),
-            ("".into(), "no [[disk]] entries"),
+            ("".into(), "no [[disk]] or [[target]] entries"),
+            (
+                target("colour = \"red\"\n"),
+                "leapd.toml:4: unknown field `colour`",
+            ),
+            (
+                "[[target]]\nname = \"t\"\nlisten = \"nowhere\"\n".into(),
+                "target `t`: listen: `nowhere`",
+            ),
+            (
+                target("nqn = \"leap target\"\n"),
+                "target `t`: nqn: `leap target`: an NQN starts with `nqn.`",
+            ),
+            (
+                target("queue_entries = 1\n"),
+                "target `t`: queue_entries: 1 is not between 2 and 1024",
+            ),
+            (
+                target("[[target.namespace]]\nnsid = 40\ndisk = \"ram\"\n"),
+                "target `t`: namespace.nsid: 40 is not between 1 and max_namespaces (32)",
+            ),
+            (
+                target(
+                    "[[target.namespace]]\nnsid = 2\ndisk = \"ram\"\n\
+                     [[target.namespace]]\nnsid = 2\ndisk = \"null\"\n",
+                ),
+                "target `t`: namespace.nsid: 2 is used twice",
+            ),
+            (
+                target("[[target.namespace]]\ndisk = \"/nonexistent/t.img\"\n"),
+                "target `t`: namespace.disk: /nonexistent/t.img does not exist",
+            ),
+            (
+                format!("{}{}", target(""), target("")),
+                "leapd.toml:4: target `t`: name already used by the target at line 1",
+            ),
+            (
+                format!(
+                    "{}[[target]]\nname = \"u\"\nlisten = \"127.0.0.1:4420\"\n",
+                    target("")
+                ),
+                "target `u`: listen address 127.0.0.1:4420 already used by the target at line 1",
+            ),
             (
                 "[pollers]\ncores = \"3-1\"\n".into(),
                 "leapd.toml:2: pollers.cores: '3-1': range runs backwards",

@@ -6,15 +6,17 @@
 //! stops the others. Removing a disk ends its connection (in-flight I/O completes first, bounded
 //! by the connection drain), joins its thread, removes its socket and syncs its back end.
 
-use crate::config::{Disk, DiskConfig};
+use crate::config::{Disk, DiskConfig, NamespaceConfig, TargetConfig};
 use crate::serve::open_backend;
 use leap_runtime::backend::Backend;
-use leap_runtime::{DeviceIoStats, Namespace, Poller};
+use leap_runtime::nvmf::target::{Subsystem, Target};
+use leap_runtime::{DeviceIoStats, Namespace, Namespaces, Poller};
 use leap_vhost::{DeviceConfig, DeviceContext, Server, StopHandle, VhostStats};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 struct Running {
     disk: Disk,
@@ -43,11 +45,68 @@ pub struct DiskStatus {
     pub config: DiskConfig,
 }
 
-/// The daemon's disks.
+struct RunningTarget {
+    t: crate::config::Target,
+    target: Target,
+    /// The back end of each NSID.
+    backends: BTreeMap<u32, Arc<dyn Backend>>,
+}
+
+/// A target as `target_list` reports it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct TargetStatus {
+    /// Name.
+    pub name: String,
+    /// Subsystem NQN.
+    pub nqn: String,
+    /// Addresses listened on.
+    pub listen: Vec<String>,
+    /// Queues (admin and I/O) connected now.
+    pub queues_open: usize,
+    /// Its namespaces.
+    pub namespaces: Vec<NamespaceStatus>,
+    /// The configuration (NSIDs filled in).
+    pub config: TargetConfig,
+}
+
+/// A namespace of a target.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct NamespaceStatus {
+    /// NSID.
+    pub nsid: u32,
+    /// Back end kind.
+    pub backend: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Its `--disk` spec.
+    pub disk: String,
+}
+
+/// How long removing a namespace or a target waits for hosts' in-flight commands on it.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Waits (at most [`DRAIN`]) until `what` is referenced only by the caller: every poller and
+/// connection has let go of it, so nothing is in flight on it any more.
+fn wait_released<T: ?Sized>(what: &Arc<T>, pollers: &[Poller]) -> bool {
+    let t = Instant::now();
+    while Arc::strong_count(what) > 1 {
+        if t.elapsed() > DRAIN {
+            return false;
+        }
+        for p in pollers {
+            p.waker().wake();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
+/// The daemon's disks and NVMe/TCP targets.
 pub struct Daemon {
     pollers: Arc<Vec<Poller>>,
     next_poller: AtomicUsize,
     disks: Mutex<BTreeMap<String, Running>>,
+    targets: Mutex<BTreeMap<String, RunningTarget>>,
 }
 
 impl Daemon {
@@ -57,7 +116,197 @@ impl Daemon {
             pollers,
             next_poller: AtomicUsize::new(0),
             disks: Mutex::new(BTreeMap::new()),
+            targets: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    fn lock_targets(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, RunningTarget>> {
+        self.targets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts an NVMe/TCP target: checks `cfg`, opens its namespaces' back ends, listens and
+    /// serves it on the daemon's pollers. Nothing is left behind on error.
+    pub fn target_add(&self, cfg: &TargetConfig) -> Result<(), String> {
+        let t = cfg.validate()?;
+        {
+            let targets = self.lock_targets();
+            if targets.contains_key(&t.name) {
+                return Err(format!("target `{}` already exists", t.name));
+            }
+            if let Some(o) = targets
+                .values()
+                .find(|o| o.t.listen.iter().any(|a| t.listen.contains(a)))
+            {
+                return Err(format!(
+                    "target `{}`: listen address {} is target `{}`'s",
+                    t.name, t.config.listen, o.t.name
+                ));
+            }
+        }
+        let mut backends = BTreeMap::new();
+        let mut nss = Namespaces::with_slots(Vec::new(), t.cfg.max_namespaces as usize);
+        for (nsid, spec) in &t.namespaces {
+            let b = open_backend(spec, t.block_size)
+                .map_err(|e| format!("target `{}`: namespace {nsid}: {e}", t.name))?;
+            nss = nss
+                .with(*nsid, Some(Namespace::with_limits(b.clone(), &spec.limits)))
+                .ok_or_else(|| format!("target `{}`: NSID {nsid} out of range", t.name))?;
+            backends.insert(*nsid, b);
+        }
+        let sub = Subsystem::new(t.cfg.clone(), nss);
+        let target = Target::start(sub, &t.listen, self.pollers.clone())
+            .map_err(|e| format!("target `{}`: {e}", t.name))?;
+        let addrs: Vec<String> = target.local_addrs().iter().map(|a| a.to_string()).collect();
+        log::info!(
+            "event=target_added target={} nqn={} listen={} namespaces={}",
+            t.name,
+            t.cfg.nqn,
+            addrs.join(","),
+            backends.len()
+        );
+        self.lock_targets().insert(
+            t.name.clone(),
+            RunningTarget {
+                t,
+                target,
+                backends,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops a target: it stops listening, its hosts' connections end once their in-flight
+    /// commands complete, and its namespaces' back ends are synced.
+    pub fn target_remove(&self, name: &str) -> Result<(), String> {
+        let r = self
+            .lock_targets()
+            .remove(name)
+            .ok_or_else(|| format!("no target `{name}`"))?;
+        let sub = r.target.subsystem().clone();
+        drop(r.target);
+        let drained = wait_released(&sub, &self.pollers);
+        let mut err = None;
+        for (nsid, b) in &r.backends {
+            if let Err(e) = leap_runtime::backend::sync(&**b) {
+                err.get_or_insert(format!("target `{name}`: namespace {nsid}: final {e}"));
+            }
+        }
+        log::info!("event=target_removed target={name} drained={drained}");
+        err.map_or(Ok(()), Err)
+    }
+
+    /// Attaches a namespace to a running target (at `nsid`, or the lowest free NSID); hosts
+    /// connected to it are told (Namespace Attribute Changed). Returns the NSID.
+    pub fn namespace_add(
+        &self,
+        target: &str,
+        nsid: Option<u32>,
+        disk: &str,
+    ) -> Result<u32, String> {
+        let mut targets = self.lock_targets();
+        let r = targets
+            .get_mut(target)
+            .ok_or_else(|| format!("no target `{target}`"))?;
+        let max = r.t.cfg.max_namespaces;
+        let nsid = match nsid {
+            Some(n) if n == 0 || n > max => {
+                return Err(format!(
+                    "target `{target}`: NSID {n} is not between 1 and max_namespaces ({max})"
+                ))
+            }
+            Some(n) if r.backends.contains_key(&n) => {
+                return Err(format!("target `{target}`: NSID {n} is in use"))
+            }
+            Some(n) => n,
+            None => (1..=max)
+                .find(|n| !r.backends.contains_key(n))
+                .ok_or_else(|| format!("target `{target}`: all {max} NSIDs are in use"))?,
+        };
+        let spec = crate::config::check_spec(disk).map_err(|e| format!("disk: {e}"))?;
+        let b = open_backend(&spec, r.t.block_size)?;
+        r.target
+            .set_namespace(nsid, Some(Namespace::with_limits(b.clone(), &spec.limits)))?;
+        r.backends.insert(nsid, b.clone());
+        r.t.config.namespaces.push(NamespaceConfig {
+            nsid: Some(nsid),
+            disk: disk.to_string(),
+        });
+        r.t.config.namespaces.sort_by_key(|n| n.nsid);
+        log::info!(
+            "event=namespace_added target={target} nsid={nsid} backend={} size={}",
+            b.kind(),
+            b.info().size
+        );
+        Ok(nsid)
+    }
+
+    /// Detaches a namespace from a running target: new commands to it fail (Invalid
+    /// Namespace), hosts are told, in-flight ones complete, then its back end is synced. The
+    /// target's other namespaces are not disturbed.
+    pub fn namespace_remove(&self, target: &str, nsid: u32) -> Result<(), String> {
+        let (old, b) = {
+            let mut targets = self.lock_targets();
+            let r = targets
+                .get_mut(target)
+                .ok_or_else(|| format!("no target `{target}`"))?;
+            let b = r
+                .backends
+                .remove(&nsid)
+                .ok_or_else(|| format!("target `{target}`: no namespace {nsid}"))?;
+            let old = r.target.set_namespace(nsid, None)?;
+            r.t.config.namespaces.retain(|n| n.nsid != Some(nsid));
+            (old, b)
+        };
+        let drained = old.as_ref().is_none_or(|o| wait_released(o, &self.pollers));
+        drop(old);
+        let synced = leap_runtime::backend::sync(&*b);
+        log::info!("event=namespace_removed target={target} nsid={nsid} drained={drained}");
+        synced.map_err(|e| format!("target `{target}`: namespace {nsid}: final {e}"))
+    }
+
+    /// Every target, by name.
+    pub fn target_list(&self) -> Vec<TargetStatus> {
+        self.lock_targets()
+            .values()
+            .map(|r| {
+                let specs: BTreeMap<u32, &str> =
+                    r.t.config
+                        .namespaces
+                        .iter()
+                        .filter_map(|n| Some((n.nsid?, n.disk.as_str())))
+                        .collect();
+                TargetStatus {
+                    name: r.t.name.clone(),
+                    nqn: r.t.cfg.nqn.clone(),
+                    listen: r
+                        .target
+                        .local_addrs()
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect(),
+                    queues_open: r.target.subsystem().totals().open_queues,
+                    namespaces: r
+                        .backends
+                        .iter()
+                        .map(|(nsid, b)| NamespaceStatus {
+                            nsid: *nsid,
+                            backend: b.kind().to_string(),
+                            size: b.info().size,
+                            disk: specs.get(nsid).copied().unwrap_or("").to_string(),
+                        })
+                        .collect(),
+                    config: r.t.config.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// The targets' configurations, in name order.
+    pub fn target_configs(&self) -> Vec<TargetConfig> {
+        self.lock_targets()
+            .values()
+            .map(|r| r.t.config.clone())
+            .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
@@ -246,11 +495,17 @@ impl Daemon {
             .collect()
     }
 
-    /// Removes every disk (at shutdown); errors are logged.
+    /// Removes every disk and target (at shutdown); errors are logged.
     pub fn remove_all(&self) {
         let names: Vec<String> = self.lock().keys().cloned().collect();
         for n in names {
             if let Err(e) = self.remove(&n) {
+                log::warn!("{e}");
+            }
+        }
+        let names: Vec<String> = self.lock_targets().keys().cloned().collect();
+        for n in names {
+            if let Err(e) = self.target_remove(&n) {
                 log::warn!("{e}");
             }
         }
@@ -266,6 +521,15 @@ impl crate::metrics::Source for Daemon {
                 io: r.ctx.io_stats.clone(),
                 malformed: r.ctx.stats.clone(),
                 backend: r.backend.clone(),
+            })
+            .collect()
+    }
+    fn targets(&self) -> Vec<crate::metrics::TargetView> {
+        self.lock_targets()
+            .values()
+            .map(|r| crate::metrics::TargetView {
+                name: r.t.name.clone(),
+                subsystem: r.target.subsystem().clone(),
             })
             .collect()
     }

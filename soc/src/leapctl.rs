@@ -41,10 +41,64 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DiskCmd,
     },
+    /// NVMe/TCP targets and their namespaces: list, add, remove, ns-add, ns-remove.
+    Target {
+        #[command(subcommand)]
+        cmd: TargetCmd,
+    },
     /// The running configuration.
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TargetCmd {
+    /// Every target with its namespaces.
+    List,
+    /// Start a target (the keys of a `[[target]]` table).
+    Add {
+        /// A unique name.
+        name: String,
+        /// Address to listen on (IP:PORT).
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: String,
+        /// Subsystem NQN (default nqn.2026-12.io.leap:NAME).
+        #[arg(long, value_name = "NQN")]
+        nqn: Option<String>,
+        /// A namespace's back end, `--disk` syntax (repeatable: NSIDs 1, 2, ...).
+        #[arg(long, value_name = "SPEC")]
+        disk: Vec<String>,
+        /// Logical block size (512 or 4096).
+        #[arg(long, value_name = "BYTES")]
+        block_size: Option<u32>,
+        /// Only this host NQN may connect (repeatable).
+        #[arg(long, value_name = "NQN")]
+        allow_host: Vec<String>,
+    },
+    /// Stop a target (its hosts' in-flight commands complete; the rest of leapd goes on).
+    Remove {
+        /// The target.
+        name: String,
+    },
+    /// Attach a namespace to a running target; connected hosts are told.
+    NsAdd {
+        /// The target.
+        target: String,
+        /// The back end, `--disk` syntax.
+        #[arg(long, value_name = "SPEC")]
+        disk: String,
+        /// Its NSID (default: the lowest free one).
+        #[arg(long, value_name = "N")]
+        nsid: Option<u32>,
+    },
+    /// Detach a namespace (in-flight commands complete; the target's other namespaces go on).
+    NsRemove {
+        /// The target.
+        target: String,
+        /// The NSID.
+        nsid: u32,
     },
 }
 
@@ -244,6 +298,45 @@ fn run(cli: Cli) -> Result<(), String> {
                 None => ("disk_stats", json!({})),
             },
         },
+        Cmd::Target { cmd } => match cmd {
+            TargetCmd::List => ("target_list", json!({})),
+            TargetCmd::Add {
+                name,
+                listen,
+                nqn,
+                disk,
+                block_size,
+                allow_host,
+            } => {
+                let mut p = json!({ "name": name, "listen": listen });
+                if let Some(n) = nqn {
+                    p["nqn"] = json!(n);
+                }
+                if let Some(b) = block_size {
+                    p["block_size"] = json!(b);
+                }
+                if !allow_host.is_empty() {
+                    p["allow_hosts"] = json!(allow_host);
+                }
+                p["namespace"] = json!(disk
+                    .iter()
+                    .map(|d| json!({ "disk": d }))
+                    .collect::<Vec<_>>());
+                ("target_add", p)
+            }
+            TargetCmd::Remove { name } => ("target_remove", json!({ "name": name })),
+            TargetCmd::NsAdd { target, disk, nsid } => {
+                let mut p = json!({ "target": target, "disk": disk });
+                if let Some(n) = nsid {
+                    p["nsid"] = json!(n);
+                }
+                ("target_ns_add", p)
+            }
+            TargetCmd::NsRemove { target, nsid } => (
+                "target_ns_remove",
+                json!({ "target": target, "nsid": nsid }),
+            ),
+        },
         Cmd::Config { cmd } => match cmd {
             ConfigCmd::Get => ("config_get", json!({})),
             ConfigCmd::Save { path: Some(p) } => ("config_save", json!({ "path": p })),
@@ -331,6 +424,61 @@ fn run(cli: Cli) -> Result<(), String> {
                     ],
                     &rows,
                 );
+            }
+        },
+        Cmd::Target { cmd } => match cmd {
+            TargetCmd::List => {
+                let mut rows: Vec<Vec<String>> = Vec::new();
+                for t in result.as_array().map(|a| a.as_slice()).unwrap_or_default() {
+                    let listen = t
+                        .get("listen")
+                        .and_then(Value::as_array)
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(Value::as_str)
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
+                        .unwrap_or_default();
+                    let nss = t
+                        .get("namespaces")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default();
+                    let ns_text = |n: &Value| {
+                        format!(
+                            "{}: {} {}",
+                            text(n, "nsid"),
+                            text(n, "backend"),
+                            size(n.get("size").and_then(Value::as_u64).unwrap_or(0))
+                        )
+                    };
+                    rows.push(vec![
+                        text(t, "name"),
+                        text(t, "nqn"),
+                        listen,
+                        text(t, "queues_open"),
+                        nss.first().map(ns_text).unwrap_or_else(|| "-".into()),
+                    ]);
+                    for n in nss.iter().skip(1) {
+                        rows.push(vec![
+                            String::new(),
+                            String::new(),
+                            String::new(),
+                            String::new(),
+                            ns_text(n),
+                        ]);
+                    }
+                }
+                table(&["NAME", "NQN", "LISTEN", "QUEUES", "NAMESPACES"], &rows);
+            }
+            TargetCmd::Add { name, .. } => println!("target {name} added"),
+            TargetCmd::Remove { name } => println!("target {name} removed"),
+            TargetCmd::NsAdd { target, .. } => {
+                println!("target {target}: namespace {} added", text(&result, "nsid"))
+            }
+            TargetCmd::NsRemove { target, nsid } => {
+                println!("target {target}: namespace {nsid} removed")
             }
         },
         Cmd::Config { cmd } => match cmd {

@@ -236,6 +236,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     let embedded = a.config.is_none() && a.socket.is_none() && a.disk.is_none();
     let mut poll = a.poll;
     let mut pollers_cfg = config::Pollers::default();
+    let mut targets = Vec::new();
     let disks = if let Some(file) = &a.config {
         let c = config::load(file)?;
         // The file's [pollers] settings win over the command line's.
@@ -246,6 +247,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             poll.cores = Some(serve::CoreList(cores));
         }
         pollers_cfg = c.pollers;
+        targets = c.targets;
         c.disks
     } else {
         let (socket, disk) = match (a.socket, a.disk) {
@@ -307,6 +309,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     };
     let opts = serve::ServeOptions {
         disks,
+        targets,
         pollers: poll.pollers.map(|p| p as usize),
         idle_spin: Duration::from_micros(poll.idle_spin_us),
         pin: poll.pin,
@@ -332,7 +335,26 @@ fn check_config(file: &std::path::Path) -> Result<(), String> {
             d.block_size
         );
     }
-    println!("{}: OK, {} disk(s)", file.display(), c.disks.len());
+    for t in &c.targets {
+        let addrs: Vec<String> = t.listen.iter().map(|a| a.to_string()).collect();
+        println!(
+            "target {}: {} on {} ({} namespace(s){})",
+            t.name,
+            t.cfg.nqn,
+            addrs.join(", "),
+            t.namespaces.len(),
+            t.namespaces
+                .iter()
+                .map(|(n, s)| format!(", {n}: {}", s.describe()))
+                .collect::<String>()
+        );
+    }
+    println!(
+        "{}: OK, {} disk(s), {} target(s)",
+        file.display(),
+        c.disks.len(),
+        c.targets.len()
+    );
     Ok(())
 }
 
@@ -350,6 +372,16 @@ fn print_attach(o: &serve::ServeOptions, embedded: bool) {
             d.name,
             sock.display(),
             d.queues
+        );
+    }
+    for t in &o.targets {
+        println!(
+            "leapd: NVMe/TCP target {} ({}); connect with: nvme connect -t tcp -a {} -s {} -n {}",
+            t.name,
+            t.cfg.nqn,
+            t.listen[0].ip(),
+            t.listen[0].port(),
+            t.cfg.nqn
         );
     }
     use std::io::Write;

@@ -3,10 +3,12 @@
 //!
 //! Methods: `leapd_version`, `disk_list`, `disk_add` (params: a `[[disk]]` table as JSON),
 //! `disk_remove` ({"name"}), `disk_set_limits` ({"name", "iops", ...}), `disk_stats` ({"name"}
-//! optional), `config_get`, `config_save`
-//! ({"path"} optional: default the `--config` file).
+//! optional), `target_list`, `target_add` (a `[[target]]` table as JSON), `target_remove`
+//! ({"name"}), `target_ns_add` ({"target", "disk", "nsid" optional}), `target_ns_remove`
+//! ({"target", "nsid"}), `config_get`, `config_save` ({"path"} optional: default the `--config`
+//! file).
 
-use crate::config::{ConfigOut, DiskConfig, Pollers};
+use crate::config::{ConfigOut, DiskConfig, Pollers, TargetConfig};
 use crate::daemon::Daemon;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -44,6 +46,7 @@ impl Control {
         ConfigOut {
             pollers: self.pollers.clone(),
             disk: self.daemon.configs(),
+            target: self.daemon.target_configs(),
         }
     }
 
@@ -76,6 +79,37 @@ impl Control {
                 let name = name_param(&params, false).map_err(bad)?;
                 let s = self.daemon.stats(name.as_deref()).map_err(failed)?;
                 serde_json::to_value(s).map_err(|e| failed(e.to_string()))
+            }
+            "target_list" => {
+                serde_json::to_value(self.daemon.target_list()).map_err(|e| failed(e.to_string()))
+            }
+            "target_add" => {
+                let cfg: TargetConfig =
+                    serde_json::from_value(params).map_err(|e| bad(format!("target_add: {e}")))?;
+                self.daemon.target_add(&cfg).map_err(failed)?;
+                Ok(Value::Bool(true))
+            }
+            "target_remove" => {
+                let name = name_param(&params, true).map_err(bad)?.unwrap_or_default();
+                self.daemon.target_remove(&name).map_err(failed)?;
+                Ok(Value::Bool(true))
+            }
+            "target_ns_add" => {
+                let p: NsAdd = serde_json::from_value(params)
+                    .map_err(|e| bad(format!("target_ns_add: {e}")))?;
+                let nsid = self
+                    .daemon
+                    .namespace_add(&p.target, p.nsid, &p.disk)
+                    .map_err(failed)?;
+                Ok(json!({ "nsid": nsid }))
+            }
+            "target_ns_remove" => {
+                let p: NsRemove = serde_json::from_value(params)
+                    .map_err(|e| bad(format!("target_ns_remove: {e}")))?;
+                self.daemon
+                    .namespace_remove(&p.target, p.nsid)
+                    .map_err(failed)?;
+                Ok(Value::Bool(true))
             }
             "config_get" => serde_json::to_value(self.config()).map_err(|e| failed(e.to_string())),
             "config_save" => {
@@ -128,6 +162,24 @@ impl Control {
             }
         }
     }
+}
+
+/// `target_ns_add` params.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NsAdd {
+    target: String,
+    disk: String,
+    #[serde(default)]
+    nsid: Option<u32>,
+}
+
+/// `target_ns_remove` params.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NsRemove {
+    target: String,
+    nsid: u32,
 }
 
 fn name_param(params: &Value, required: bool) -> Result<Option<String>, String> {

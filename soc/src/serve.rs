@@ -23,6 +23,8 @@ pub(crate) const BOUNCE_MAX_TRANSFER: u32 = 128 << 10;
 pub struct ServeOptions {
     /// The disks (host mode: any number, each on its socket; SoC modes: exactly one).
     pub disks: Vec<crate::config::Disk>,
+    /// NVMe/TCP targets (host mode), on the same pollers.
+    pub targets: Vec<crate::config::Target>,
     /// Number of poller threads (None: one per queue, at most one per CPU).
     pub pollers: Option<usize>,
     /// How long a poller spins idle before sleeping.
@@ -264,15 +266,20 @@ pub fn run(
     how_to_attach: impl FnOnce(&ServeOptions),
 ) -> Result<(), String> {
     let soc = !platform.windows().is_empty();
-    if soc && o.disks.len() != 1 {
+    if soc && (o.disks.len() != 1 || !o.targets.is_empty()) {
         return Err(format!(
-            "{} mode serves one disk per leapd (got {})",
+            "{} mode serves one disk per leapd and no targets (got {} disk(s), {} target(s))",
             platform.name(),
-            o.disks.len()
+            o.disks.len(),
+            o.targets.len()
         ));
     }
     let signals = crate::signals::block_termination()?;
-    let total_queues: usize = o.disks.iter().map(|d| d.queues as usize).sum();
+    let total_queues: usize = o.disks.iter().map(|d| d.queues as usize).sum::<usize>()
+        + o.targets
+            .iter()
+            .map(|t| t.cfg.max_io_queues as usize)
+            .sum::<usize>();
     let cpus = platform.poller_cpus().len().max(1);
     let placement =
         Placement::from_args(o.cores.as_deref(), o.pollers, o.pin, total_queues.min(cpus))?;
@@ -293,7 +300,17 @@ pub fn run(
             return Err(e);
         }
     }
-    log::info!("serving {} disk(s) on {where_}", o.disks.len());
+    for t in &o.targets {
+        if let Err(e) = daemon.target_add(&t.config) {
+            daemon.remove_all();
+            return Err(e);
+        }
+    }
+    log::info!(
+        "serving {} disk(s) and {} target(s) on {where_}",
+        o.disks.len(),
+        o.targets.len()
+    );
     let rpc = match &o.rpc {
         None => None,
         Some(r) => {
