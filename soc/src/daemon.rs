@@ -191,7 +191,20 @@ impl Daemon {
                 err.get_or_insert(format!("target `{name}`: namespace {nsid}: final {e}"));
             }
         }
-        log::info!("event=target_removed target={name} drained={drained}");
+        let st = sub.stats();
+        let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        log::info!(
+            "event=target_removed target={name} drained={drained} connections={} \
+             handshake_failures={} fatal_errors={} rejects={} retries_admitted={} \
+             digest_errors={} keep_alive_timeouts={}",
+            n(&st.connections),
+            n(&st.handshake_failures),
+            n(&st.fatal_errors),
+            n(&st.rejects),
+            n(&st.retries_admitted),
+            n(&st.digest_errors),
+            n(&st.keep_alive_timeouts)
+        );
         err.map_or(Ok(()), Err)
     }
 

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # NVMe/TCP interoperability with Linux, one guest boot per direction:
-#   host-initiator  Linux's initiator (nvme discover / nvme connect in a guest) against
-#                   `leapd target` on the host's loopback: discovery log, size, fio crc32c verify,
-#                   with and without header/data digests.
+#   host-initiator  Linux's initiator (nvme discover / nvme connect in a guest) against a
+#                   [[target]] of `leapd serve --config` on the host's loopback: discovery log,
+#                   size, fio crc32c verify, with and without header/data digests; while the
+#                   guest is connected `leapctl target ns-add` attaches namespace 2 (the kernel
+#                   finds it through the Namespace Attribute Changed event, fio verifies it) and
+#                   `leapctl target ns-remove` detaches it (its block device goes).
 #   leap-to-nvmet   Linux's target (nvmet-tcp in guest A, a file on tmpfs) exported to
 #                   `leapd serve --disk nvme-tcp://...` on the host; guest B runs the verify job
 #                   on that vhost-user disk (guest B → leapd → NVMe/TCP → nvmet → tmpfs).
@@ -19,6 +22,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
 leapd=${LEAPD:-$root/target/release/leapd}
+leapctl=$(dirname "$leapd")/leapctl
 if [ $# -gt 0 ]; then cases=("$@"); else cases=(host-initiator leap-to-leap leap-to-nvmet overload); fi
 require=0
 { [ "${CI:-}" = true ] || [ "${LEAP_REQUIRE_GUEST:-0}" = 1 ]; } && require=1
@@ -99,7 +103,7 @@ stop_last() {
   wait "$p" || rc=$?
   unset 'pids[-1]'
   if [ "$rc" != 0 ]; then echo "nvmf-interop: leapd exited with $rc" >&2; tail -n 30 "$log" >&2; return 1; fi
-  grep "target totals" "$log" || true
+  grep -E "target totals|event=target_removed" "$log" || true
   if grep -q "fatal_errors=[1-9]" "$log"; then
     echo "nvmf-interop: the target saw protocol errors:" >&2
     grep -iE "protocol error|WARN|ERROR" "$log" | tail -n 20 >&2
@@ -112,21 +116,51 @@ for c in "${cases[@]}"; do
   case "$c" in
     host-initiator)
       port=$(free_port); dport=$(free_port)
-      size=$((256 << 20))
-      tlog=$work/target.log
-      start_target "$tlog" --listen "127.0.0.1:$port" --discovery-port "$dport" --nqn "$nqn" \
-        --disk "$work/ns1.img,size=$size" --pollers 1
+      size=$((256 << 20)) ns2=$((32 << 20))
+      tlog=$work/target.log glog=$work/host-guest.log rpc=$work/leapd.rpc
+      printf '[pollers]\ncount = 1\n\n[[target]]\nname = "interop"\nlisten = "127.0.0.1:%s"\ndiscovery_port = %s\nnqn = "%s"\n\n[[target.namespace]]\ndisk = "%s,size=%s"\n' \
+        "$port" "$dport" "$nqn" "$work/ns1.img" "$size" > "$work/target.toml"
+      RUST_LOG=${RUST_LOG:-info} "$leapd" serve --config "$work/target.toml" --rpc-socket "$rpc" \
+        >"$tlog" 2>&1 &
+      pids+=($!)
+      for ((i = 0; i < 100; i++)); do
+        grep -q "NVMe/TCP target" "$tlog" && break
+        kill -0 "${pids[-1]}" 2>/dev/null || break
+        sleep 0.1
+      done
+      grep -q "NVMe/TCP target" "$tlog" || { cat "$tlog" >&2; echo "nvmf-interop: leapd serve did not start" >&2; exit 1; }
       rc=0
-      "$here/run-guest.sh" --job nvmf-host --net --timeout 420 \
+      "$here/run-guest.sh" --job nvmf-host --net --timeout 480 --log "$glog" \
         --env NVMF_PORT="$port" --env NVMF_DISC_PORT="$dport" --env NVMF_NQN="$nqn" \
         --env NVMF_MODES="plain digests" --env EXPECT_SIZE_BYTES="$size" \
-        --env VERIFY_SIZE_MB=16 || rc=$?
+        --env VERIFY_SIZE_MB=16 --env NVMF_LIVE_NS=1 --env NVMF_NS2_BYTES="$ns2" \
+        >"$work/host-run.out" 2>&1 &
+      gpid=$!
+      pids+=("$gpid")
+      # The guest asks for namespace 2 and says when it is done with it (console lines).
+      live=add
+      while kill -0 "$gpid" 2>/dev/null; do
+        if [ "$live" = add ] && grep -q "LEAP-NVMF: WANT-NS2" "$glog" 2>/dev/null; then
+          "$leapctl" -s "$rpc" target ns-add interop --disk "ram,size=$ns2" || rc=1
+          live=remove
+        elif [ "$live" = remove ] && grep -q "LEAP-NVMF: NS2-DONE" "$glog" 2>/dev/null; then
+          "$leapctl" -s "$rpc" target ns-remove interop 2 || rc=1
+          "$leapctl" -s "$rpc" target list || true
+          live=done
+        fi
+        sleep 0.2
+      done
+      wait "$gpid" || rc=$?
+      unset 'pids[-1]'
+      cat "$work/host-run.out"
+      grep "LEAP-CHECK" "$glog" | sed 's/^/  guest: /' || true
+      [ "$live" = done ] || { echo "nvmf-interop: the guest never asked for / finished with namespace 2" >&2; rc=1; }
       stop_last "$tlog" || rc=1
       if [ "$rc" != 0 ]; then
-        echo "---- leapd target log (last 40 lines) ----" >&2; tail -n 40 "$tlog" >&2
+        echo "---- leapd serve log (last 40 lines) ----" >&2; tail -n 40 "$tlog" >&2
         echo "nvmf-interop: FAIL host-initiator" >&2; exit 1
       fi
-      echo "nvmf-interop: PASS host-initiator (Linux nvme-tcp → leapd target)"
+      echo "nvmf-interop: PASS host-initiator (Linux nvme-tcp → leapd serve [[target]], namespace attached and detached live)"
       ;;
     leap-to-leap)
       port=$(free_port)

@@ -6,6 +6,11 @@
 #   NVMF_MODES        space-separated connect modes: "plain" and/or "digests" (header + data)
 #   EXPECT_SIZE_BYTES namespace size (empty: not checked)
 #   VERIFY_SIZE_MB    MiB per fio verify job (default 16; slirp moves a few MiB/s)
+#   NVMF_LIVE_NS      1: after the first mode's checks, ask the host (console line
+#                     "LEAP-NVMF: WANT-NS2") to attach namespace 2 live; wait for the kernel to
+#                     find it through the Namespace Attribute Changed event, verify I/O on it,
+#                     say "LEAP-NVMF: NS2-DONE", and wait for it to go when the host detaches it
+#   NVMF_NS2_BYTES    namespace 2's size (checked)
 # shellcheck shell=sh source=/dev/null
 # shellcheck disable=SC2086  # $common and $args are split on purpose
 . /job/lib.sh
@@ -76,6 +81,35 @@ for mode in ${NVMF_MODES:-plain}; do
   run_fio "$mode randrw-mixed-qd8+verify" --name=mixed $common --rw=randwrite \
     --bsrange=512-64k --bs_unaligned=0 --blockalign=4k --iodepth=8 --offset=$((MB * 2))M \
     --size=${MB}M --do_verify=1
+  if [ "${NVMF_LIVE_NS:-0}" = 1 ] && [ -z "${live_done:-}" ]; then
+    live_done=1
+    base=${DEV%n*}
+    NS2=${base}n2
+    echo "LEAP-NVMF: WANT-NS2"
+    i=0
+    while [ ! -e "/sys/block/${NS2#/dev/}/size" ] && [ "$i" -lt 600 ]; do i=$((i + 1)); sleep 0.1; done
+    if [ -e "/sys/block/${NS2#/dev/}/size" ]; then
+      ok "namespace 2 appeared while connected ($NS2, after $((i / 10)) s)"
+      b2=$(( $(cat "/sys/block/${NS2#/dev/}/size") * 512 ))
+      if [ "$b2" = "${NVMF_NS2_BYTES:-$b2}" ]; then ok "namespace 2 size $b2"
+      else fail "namespace 2 size: got $b2, expected $NVMF_NS2_BYTES"; fi
+      run_fio "$mode namespace-2 randwrite-4k+verify" --name=ns2 --filename="$NS2" --direct=1 \
+        --ioengine="$ENGINE" --randrepeat=1 --verify=crc32c --verify_fatal=1 --rw=randwrite \
+        --bs=4k --iodepth=8 --size=4M --do_verify=1 --output-format=terse --terse-version=3
+    else
+      dmesg | tail -n 20
+      fail "namespace 2 never appeared (no Namespace Attribute Changed rescan?)"
+    fi
+    echo "LEAP-NVMF: NS2-DONE"
+    i=0
+    while [ -e "/sys/block/${NS2#/dev/}" ] && [ "$i" -lt 600 ]; do i=$((i + 1)); sleep 0.1; done
+    if [ -e "/sys/block/${NS2#/dev/}" ]; then fail "namespace 2 still there after the host detached it"
+    else ok "namespace 2 went away when the host detached it"; fi
+    run_fio "$mode namespace-1 after the detach+verify" --name=ns1 --filename="$DEV" --direct=1 \
+      --ioengine="$ENGINE" --randrepeat=1 --verify=crc32c --verify_fatal=1 --rw=randwrite \
+      --bs=4k --iodepth=8 --offset=$((MB * 3))M --size=4M --do_verify=1 --output-format=terse \
+      --terse-version=3
+  fi
   # flush and discard reach the target too
   sync
   if blkdiscard -o 0 -l 1048576 "$DEV" 2>/dev/null; then ok "$mode discard"; else note "$mode discard not supported"; fi
