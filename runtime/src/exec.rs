@@ -105,14 +105,27 @@ impl Namespaces {
     pub fn single(ns: Arc<Namespace>) -> Arc<Self> {
         Self::new(vec![ns])
     }
-    /// NSIDs 1..=n for the given namespaces, with empty slots up to `slots` NSIDs in all (room
-    /// to attach namespaces later without changing the controller's NN).
-    pub fn with_slots(list: Vec<Arc<Namespace>>, slots: usize) -> Arc<Self> {
-        let mut list: Vec<Option<Arc<Namespace>>> = list.into_iter().map(Some).collect();
+    /// A table of at least `slots` NSIDs (room to attach namespaces later without changing the
+    /// controller's NN) holding `list`: NSID `k + 1` is `list[k]`, `None` an empty slot.
+    pub fn with_slots(mut list: Vec<Option<Arc<Namespace>>>, slots: usize) -> Arc<Self> {
         if list.len() < slots {
             list.resize(slots, None);
         }
         Arc::new(Namespaces { list })
+    }
+    /// The NSIDs whose namespace differs between `old` and `new` (attached, detached or
+    /// replaced), each with whether `old` had one there.
+    pub fn changed<'a>(old: &'a Namespaces, new: &'a Namespaces) -> impl Iterator<Item = (u32, bool)> + 'a {
+        let slots = old.slots().max(new.slots());
+        (1..=slots as u32).filter_map(move |nsid| {
+            let (a, b) = (old.get(nsid), new.get(nsid));
+            let same = match (a, b) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            };
+            (!same).then_some((nsid, a.is_some()))
+        })
     }
     /// A copy of this table with NSID `nsid` attached to `ns` (or detached, with `None`). None if
     /// `nsid` is outside the table.

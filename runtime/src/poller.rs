@@ -55,6 +55,11 @@ pub trait Port: Send {
     fn namespaces_changed(&mut self) -> Option<Arc<Namespaces>> {
         None
     }
+    /// A back-end queue for newly attached NSID `nsid` that the front end's owner opened off
+    /// the poller; without one the poller opens it itself.
+    fn prepared_queue(&mut self, _nsid: u32) -> Option<Box<dyn BackendQueue>> {
+        None
+    }
 }
 
 /// How a poller behaves.
@@ -686,33 +691,51 @@ impl Pair {
     }
 
     /// Moves to namespace table `new`: an NSID whose namespace stayed keeps its queue; a new
-    /// one gets a queue (a back end that cannot open one leaves the NSID answering Invalid
-    /// Namespace, logged); a detached one's queue is dropped, or kept polling until what it
-    /// holds completes. Control path: runs once per change.
+    /// one gets the queue the front end prepared (or one opened here, if none was); a detached
+    /// one's queue is dropped, or kept polling until what it holds completes. Held commands for
+    /// an NSID whose namespace went fail with Invalid Namespace (they must not reach whatever
+    /// takes the NSID next). Control path: runs once per change.
     fn switch_namespaces(&mut self, new: Arc<Namespaces>) {
         let old = std::mem::replace(&mut self.nss, new);
-        let slots = old.slots().max(self.nss.slots());
-        self.bqs.resize_with(slots, || None);
+        let changed: Vec<(u32, bool)> = Namespaces::changed(&old, &self.nss).collect();
+        self.bqs
+            .resize_with(old.slots().max(self.nss.slots()), || None);
         let depth = self.cmds.len();
-        for k in 0..slots {
-            let nsid = k as u32 + 1;
-            let same = match (old.get(nsid), self.nss.get(nsid)) {
-                (None, None) => true,
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                _ => false,
-            };
-            if same {
+        for &(nsid, had) in &changed {
+            // `changed` yields NSIDs 1..=slots and `bqs` has that many entries.
+            let Some(slot) = (nsid as usize)
+                .checked_sub(1)
+                .and_then(|k| self.bqs.get_mut(k))
+            else {
                 continue;
-            }
-            if let Some(q) = self.bqs[k].take() {
+            };
+            if let Some(q) = slot.take() {
                 if q.in_flight() > 0 {
                     self.detached.push(q);
                 }
             }
             if let Some(ns) = self.nss.get(nsid) {
-                match ns.backend().open_queue(depth) {
-                    Ok(q) => self.bqs[k] = Some(q),
-                    Err(e) => log::warn!("event=namespace_queue_error nsid={nsid} error=\"{e}\""),
+                let q = match self.port.prepared_queue(nsid) {
+                    Some(q) => Ok(q),
+                    None => ns.backend().open_queue(depth),
+                };
+                match q {
+                    Ok(q) => *slot = Some(q),
+                    Err(e) => log::warn!(
+                        "event=namespace_queue_error nsid={nsid} error=\"{e}\""
+                    ),
+                }
+            }
+            if had {
+                let gone: Vec<u16> = self
+                    .held
+                    .iter()
+                    .copied()
+                    .filter(|&cid| self.held_sqes[cid as usize].nsid() == nsid)
+                    .collect();
+                self.held.retain(|cid| !gone.contains(cid));
+                for cid in gone {
+                    finish(self, cid, Status::INVALID_NAMESPACE);
                 }
             }
         }

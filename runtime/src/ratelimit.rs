@@ -14,6 +14,7 @@ fn now_secs() -> u64 {
 }
 
 /// A per-call-site limit of `burst` messages per second.
+#[derive(Debug)]
 pub struct RateLimit {
     burst: u32,
     /// Seconds since start (high 40 bits) and messages in that second (low 24 bits).
@@ -64,8 +65,18 @@ impl RateLimit {
 macro_rules! log_limited {
     ($level:expr, $($arg:tt)+) => {{
         static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new(10);
+        $crate::log_limited_by!(&LIMIT, $level, $($arg)+)
+    }};
+}
+
+/// Logs at `level` through `log` within the budget of the [`RateLimit`] `limit` (one per disk,
+/// say, so one busy disk cannot silence another's events).
+#[macro_export]
+macro_rules! log_limited_by {
+    ($limit:expr, $level:expr, $($arg:tt)+) => {{
+        let limit: &$crate::ratelimit::RateLimit = $limit;
         if log::log_enabled!($level) {
-            if let Some(suppressed) = LIMIT.check() {
+            if let Some(suppressed) = limit.check() {
                 if suppressed > 0 {
                     log::log!($level, "{} (and {} similar messages suppressed)", format_args!($($arg)+), suppressed);
                 } else {

@@ -144,15 +144,17 @@ impl Daemon {
             }
         }
         let mut backends = BTreeMap::new();
-        let mut nss = Namespaces::with_slots(Vec::new(), t.cfg.max_namespaces as usize);
+        let mut list = vec![None; t.cfg.max_namespaces as usize];
         for (nsid, spec) in &t.namespaces {
             let b = open_backend(spec, t.block_size)
                 .map_err(|e| format!("target `{}`: namespace {nsid}: {e}", t.name))?;
-            nss = nss
-                .with(*nsid, Some(Namespace::with_limits(b.clone(), &spec.limits)))
-                .ok_or_else(|| format!("target `{}`: NSID {nsid} out of range", t.name))?;
+            // validate() keeps NSIDs within 1..=max_namespaces.
+            if let Some(slot) = (*nsid as usize).checked_sub(1).and_then(|k| list.get_mut(k)) {
+                *slot = Some(Namespace::with_limits(b.clone(), &spec.limits));
+            }
             backends.insert(*nsid, b);
         }
+        let nss = Namespaces::with_slots(list, 0);
         let sub = Subsystem::new(t.cfg.clone(), nss);
         let target = Target::start(sub, &t.listen, self.pollers.clone())
             .map_err(|e| format!("target `{}`: {e}", t.name))?;
@@ -164,7 +166,16 @@ impl Daemon {
             addrs.join(","),
             backends.len()
         );
-        self.lock_targets().insert(
+        let mut targets = self.lock_targets();
+        // Another target_add of the same name may have won while this one opened its back
+        // ends (each control client has its own thread): the later one gives way.
+        if targets.contains_key(&t.name) {
+            drop(targets);
+            let name = t.name.clone();
+            drop(target);
+            return Err(format!("target `{name}` already exists"));
+        }
+        targets.insert(
             t.name.clone(),
             RunningTarget {
                 t,
@@ -216,29 +227,48 @@ impl Daemon {
         nsid: Option<u32>,
         disk: &str,
     ) -> Result<u32, String> {
+        // The slow parts (opening the back end and a queue per connected host queue; a remote
+        // one can take seconds) run without the table held; the NSID is checked again with it.
+        let spec = crate::config::check_spec(disk).map_err(|e| format!("disk: {e}"))?;
+        let (block_size, sub, nsid) = {
+            let targets = self.lock_targets();
+            let r = targets
+                .get(target)
+                .ok_or_else(|| format!("no target `{target}`"))?;
+            let max = r.t.cfg.max_namespaces;
+            let nsid = match nsid {
+                Some(n) if n == 0 || n > max => {
+                    return Err(format!(
+                        "target `{target}`: NSID {n} is not between 1 and max_namespaces ({max})"
+                    ))
+                }
+                Some(n) => n,
+                None => (1..=max)
+                    .find(|n| !r.backends.contains_key(n))
+                    .ok_or_else(|| format!("target `{target}`: all {max} NSIDs are in use"))?,
+            };
+            (r.t.block_size, r.target.subsystem().clone(), nsid)
+        };
+        let in_use = || format!("target `{target}`: NSID {nsid} is in use");
+        if sub.namespaces().get(nsid).is_some() {
+            return Err(in_use());
+        }
+        let b = open_backend(&spec, block_size)?;
+        let ns = Namespace::with_limits(b.clone(), &spec.limits);
+        sub.prepare_namespace(nsid, &ns)
+            .map_err(|e| format!("target `{target}`: {e}"))?;
         let mut targets = self.lock_targets();
         let r = targets
             .get_mut(target)
             .ok_or_else(|| format!("no target `{target}`"))?;
-        let max = r.t.cfg.max_namespaces;
-        let nsid = match nsid {
-            Some(n) if n == 0 || n > max => {
-                return Err(format!(
-                    "target `{target}`: NSID {n} is not between 1 and max_namespaces ({max})"
-                ))
-            }
-            Some(n) if r.backends.contains_key(&n) => {
-                return Err(format!("target `{target}`: NSID {n} is in use"))
-            }
-            Some(n) => n,
-            None => (1..=max)
-                .find(|n| !r.backends.contains_key(n))
-                .ok_or_else(|| format!("target `{target}`: all {max} NSIDs are in use"))?,
-        };
-        let spec = crate::config::check_spec(disk).map_err(|e| format!("disk: {e}"))?;
-        let b = open_backend(&spec, r.t.block_size)?;
+        if r.backends.contains_key(&nsid) {
+            return Err(in_use());
+        }
         r.target
-            .set_namespace(nsid, Some(Namespace::with_limits(b.clone(), &spec.limits)))?;
+            .subsystem()
+            .set_namespace(nsid, Some(ns))
+            .map_err(|e| format!("target `{target}`: {e}"))?;
+        r.target.wake_pollers();
         r.backends.insert(nsid, b.clone());
         r.t.config.namespaces.push(NamespaceConfig {
             nsid: Some(nsid),

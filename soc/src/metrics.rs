@@ -3,8 +3,9 @@
 //!
 //! Nothing here touches the I/O path: pollers only bump their own per-queue relaxed counters and
 //! histograms (see `leap_runtime::stats`). A scrape reads them through a [`Collector`], sums
-//! what needs summing and encodes the result; the only lock it takes is the daemon's disk table,
-//! which the I/O path never takes.
+//! what needs summing and encodes the result. It allocates, and takes the daemon's disk and
+//! target tables and each target's list of connected queues: locks the data path never takes
+//! (a closing connection takes its target's list once, on its way out).
 //!
 //! Families (all prefixed `leap_`): per disk and queue, operations, bytes, in-flight depth,
 //! errors, throttled commands; per disk, latency histograms by class, malformed requests by
@@ -78,7 +79,8 @@ impl Source for Fixed {
 struct LeapCollector {
     source: Arc<dyn Source>,
     pollers: Arc<Vec<Poller>>,
-    /// Each poller's (age, busy) at the previous scrape, for the busy ratio.
+    /// Each poller's (age, busy) at the previous scrape, for the busy ratio and to keep the
+    /// busy counter from going back: a scrape racing a wake-up can see one idle spell twice.
     last: Mutex<Vec<(Duration, Duration)>>,
 }
 
@@ -143,6 +145,9 @@ impl Family<'_> {
 fn l(pairs: &[(&'static str, &str)]) -> Labels {
     pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
 }
+
+/// Back-end counters with this prefix are bytes through a SoC window, not events.
+const WINDOW: &str = "window_bytes_";
 
 /// Picks one counter of an [`IoStats`].
 type Field = fn(&IoStats) -> &std::sync::atomic::AtomicU64;
@@ -297,15 +302,30 @@ impl Collector for LeapCollector {
             }
         }
 
+        let counters: Vec<Vec<(&str, u64)>> = disks.iter().map(|d| d.backend.counters()).collect();
         let mut f = family(
             &mut enc,
             "leap_disk_backend_events",
-            "Events the back end counts: retries and reconnects (nvme-tcp), page-cache fallbacks (file), window bytes (SoC modes)",
+            "Events the back end counts: retries and reconnects (nvme-tcp), page-cache fallbacks (file)",
             MetricType::Counter,
         )?;
-        for d in &disks {
-            for (event, v) in d.backend.counters() {
-                f.counter(&l(&[("disk", &d.name), ("event", event)]), v)?;
+        for (d, c) in disks.iter().zip(&counters) {
+            for (event, v) in c.iter().filter(|(n, _)| !n.starts_with(WINDOW)) {
+                f.counter(&l(&[("disk", &d.name), ("event", event)]), *v)?;
+            }
+        }
+
+        let mut f = family(
+            &mut enc,
+            "leap_disk_window_bytes",
+            "SoC modes: request data copied across the window onto tenant memory (in: from it, out: to it)",
+            MetricType::Counter,
+        )?;
+        for (d, c) in disks.iter().zip(&counters) {
+            for (name, v) in c.iter() {
+                if let Some(dir) = name.strip_prefix(WINDOW) {
+                    f.counter(&l(&[("disk", &d.name), ("direction", dir)]), *v)?;
+                }
             }
         }
 
@@ -316,11 +336,18 @@ impl Collector for LeapCollector {
 
 impl LeapCollector {
     fn encode_pollers(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let now: Vec<(Duration, Duration)> =
-            self.pollers.iter().map(|p| (p.age(), p.busy())).collect();
-        let ratios: Vec<f64> = {
+        let (now, ratios) = {
             let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-            let r = now
+            let now: Vec<(Duration, Duration)> = self
+                .pollers
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let (_, b0) = last.get(i).copied().unwrap_or_default();
+                    (p.age(), p.busy().max(b0))
+                })
+                .collect();
+            let ratios: Vec<f64> = now
                 .iter()
                 .enumerate()
                 .map(|(i, &(age, busy))| {
@@ -334,7 +361,7 @@ impl LeapCollector {
                 })
                 .collect();
             *last = now.clone();
-            r
+            (now, ratios)
         };
         let name = |i: usize| i.to_string();
         let mut f = family(

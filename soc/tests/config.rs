@@ -235,7 +235,12 @@ fn targets_and_namespaces_change_while_hosts_do_io() {
         4096,
         1,
     );
-    assert!(!st[0].is_success(), "a detached namespace still answers");
+    assert_eq!(
+        st[0],
+        leap_queues::Status::INVALID_NAMESPACE,
+        "a detached namespace answers Invalid Namespace: {}",
+        st[0]
+    );
 
     leapctl(
         ctl,

@@ -416,8 +416,9 @@ fn data_beyond_the_transfer_and_reused_command_ids() {
 
 /// Namespaces attached and detached while hosts are connected: a host that enabled Namespace
 /// Attribute notices gets the event and the Changed Namespace List names the NSID; Identify's
-/// active list follows; an I/O queue connected before the change reaches the new namespace;
-/// I/O on the namespace that stays never stops; a detached NSID answers Invalid Namespace.
+/// active list follows; an I/O queue connected before the change reaches the new namespace (a
+/// back-end queue prepared off the poller) and loses it at the detach; I/O on the namespace
+/// that stays never stops; a detached NSID answers Invalid Namespace.
 #[test]
 fn namespaces_come_and_go_while_hosts_stay_connected() {
     use leap_queues::nvme::{admin, cns, feature};
@@ -441,6 +442,16 @@ fn namespaces_come_and_go_while_hosts_stay_connected() {
         }
         rounds
     });
+
+    // An I/O queue connected before NSID 2 exists.
+    let (_early_admin, mut early) = io_queue(&t);
+    let zeroes = |q: &mut HostConn| {
+        let mut s = leap_queues::Sqe::new(leap_queues::nvme::io::WRITE_ZEROES, 0);
+        s.set_nsid(2);
+        s.set_cdw(12, 7);
+        q.command(s, &[], None).expect("write zeroes").status()
+    };
+    assert_eq!(zeroes(&mut early), leap_queues::Status::INVALID_NAMESPACE);
 
     // A host's admin queue, enabled, with Namespace Attribute notices on and an AER waiting.
     let mut a = HostConn::connect(
@@ -525,6 +536,10 @@ fn namespaces_come_and_go_while_hosts_stay_connected() {
     );
     assert_eq!(changed, vec![2]);
     assert_eq!(active, vec![1, 2]);
+    assert!(
+        zeroes(&mut early).is_success(),
+        "the queue connected before the attach reaches NSID 2"
+    );
 
     // A new host reaches NSID 2 with verified I/O; then it is detached under that host.
     let mut cfg2 = initiator(t.addr, NQN, 1, 16);
@@ -545,6 +560,7 @@ fn namespaces_come_and_go_while_hosts_stay_connected() {
         1,
     );
     assert_eq!(st[0], leap_queues::Status::INVALID_NAMESPACE, "{}", st[0]);
+    assert_eq!(zeroes(&mut early), leap_queues::Status::INVALID_NAMESPACE);
     assert!(
         target.set_namespace(33, None).is_err(),
         "NSIDs beyond max_namespaces are refused"

@@ -13,7 +13,7 @@ use crate::inflight::{self, QueueTracker};
 use crate::queue::{BlkQueue, RingSetup, Signal};
 use crate::region::MemoryTable;
 use crate::stats::{Malformed, VhostStats};
-use leap_runtime::{log_limited, DeviceIoStats, Namespace, Namespaces, PairId, Poller};
+use leap_runtime::{log_limited, log_limited_by, DeviceIoStats, Namespace, Namespaces, PairId, Poller};
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -341,7 +341,8 @@ impl BlkDevice {
         }
         let r = &mut self.rings[q];
         r.base = r.stopped_at.load(Ordering::Acquire) as u16;
-        log_limited!(
+        log_limited_by!(
+            &self.ctx.stats.events,
             log::Level::Info,
             "event=queue_stopped disk={} queue={q} at={}",
             self.ctx.config.name,
@@ -568,7 +569,8 @@ pub(crate) fn start_ring(
     if let Err(e) = p.call.signal() {
         log::debug!("queue {q}: start signal: {e}");
     }
-    log_limited!(
+    log_limited_by!(
+        &ctx.stats.events,
         log::Level::Info,
         "event=queue_started disk={} queue={q} size={} poller={pi} base={}",
         ctx.config.name,

@@ -6,7 +6,7 @@
 
 use crate::device::{BlkDevice, DeviceContext};
 use crate::stats::VhostStats;
-use leap_runtime::log_limited;
+use leap_runtime::{log_limited, log_limited_by};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -235,7 +235,7 @@ impl Server {
             self.stop.stop();
         }
         let who = self.who();
-        log_limited!(log::Level::Info, "event=frontend_connected {who}");
+        log_limited_by!(&self.stats.events, log::Level::Info, "event=frontend_connected {who}");
         let end = loop {
             match handler.handle_request() {
                 Ok(()) => {}
@@ -274,14 +274,20 @@ impl Server {
             Err(p) => p.into_inner().shutdown(Some(DRAIN_TIMEOUT)),
         }
         match end {
-            Ok(()) => log_limited!(log::Level::Info, "event=frontend_disconnected {who}"),
-            Err(e) => log_limited!(
+            Ok(()) => log_limited_by!(
+                &self.stats.events,
+                log::Level::Info,
+                "event=frontend_disconnected {who}"
+            ),
+            Err(e) => log_limited_by!(
+                &self.stats.events,
                 log::Level::Warn,
                 "event=frontend_disconnected {who} error=\"{}\"",
                 e.replace('"', "'")
             ),
         }
-        log_limited!(
+        log_limited_by!(
+            &self.stats.events,
             log::Level::Info,
             "event=frontend_totals {who} {}",
             self.counters()

@@ -57,11 +57,27 @@ const NAMES: [&str; N] = [
     "message",
 ];
 
-/// Counters for one device.
-#[derive(Debug, Default)]
+/// Counters for one device, and the budget of its lifecycle log events.
+#[derive(Debug)]
 pub struct VhostStats {
     malformed: [AtomicU64; N],
+    /// Lifecycle events (front end connected, queue started, ...) of this disk: a guest can
+    /// trigger them (a driver reset restarts every queue), so they are rate-limited, per disk
+    /// so that one disk's churn cannot silence another's.
+    pub events: leap_runtime::ratelimit::RateLimit,
 }
+
+impl Default for VhostStats {
+    fn default() -> Self {
+        VhostStats {
+            malformed: Default::default(),
+            events: leap_runtime::ratelimit::RateLimit::new(EVENTS_PER_SECOND),
+        }
+    }
+}
+
+/// Lifecycle events a disk may log per second (a start of 32 queues and its connection fit).
+const EVENTS_PER_SECOND: u32 = 40;
 
 impl VhostStats {
     /// Counts one refused request.

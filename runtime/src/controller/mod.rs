@@ -264,19 +264,11 @@ impl Controller {
     /// event if the host enabled it (Base Specification 2.0, section 5.27.1.3).
     pub fn set_namespaces(&mut self, namespaces: Arc<Namespaces>) {
         let old = std::mem::replace(&mut self.namespaces, namespaces);
-        let slots = old.slots().max(self.namespaces.slots());
-        for k in 0..slots {
-            let Ok(nsid) = u32::try_from(k + 1) else {
-                break;
-            };
-            let same = match (old.get(nsid), self.namespaces.get(nsid)) {
-                (None, None) => true,
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                _ => false,
-            };
-            if !same {
-                self.notify_namespace_changed(nsid);
-            }
+        let changed: Vec<u32> = Namespaces::changed(&old, &self.namespaces)
+            .map(|(nsid, _)| nsid)
+            .collect();
+        for nsid in changed {
+            self.notify_namespace_changed(nsid);
         }
     }
 

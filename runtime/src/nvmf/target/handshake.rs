@@ -260,18 +260,27 @@ pub(super) fn handshake(
             priority: sub.cfg.priority_hosts.iter().any(|h| h == cd.hostnqn),
             flushing: AtomicBool::new(false),
         });
-        if let Ok(mut m) = sub.assocs.lock() {
-            m.insert(cntlid, a.clone());
-        }
-        // A namespace attached or detached between reading the table above and joining the
-        // associations would be missed: catch up (set_namespace updates joined ones itself).
-        if !discovery {
-            let now = sub.namespaces();
-            if let Ok(mut c) = a.ctrl.lock() {
-                if !Arc::ptr_eq(c.namespaces(), &now) {
-                    c.set_namespaces(now);
-                }
+        let joined = match sub.assocs.lock() {
+            Ok(mut m) if !sub.stopped.load(Ordering::Acquire) => {
+                m.insert(cntlid, a.clone());
+                true
             }
+            _ => false,
+        };
+        if !joined {
+            return Err(reject(
+                &mut tx,
+                ConnectReject {
+                    status: fabrics::CONNECT_CONTROLLER_BUSY,
+                    dw0: 0,
+                },
+                "the target is stopping".into(),
+            ));
+        }
+        // A namespace attached or detached between reading the table above and joining would
+        // be missed: catch up (set_namespace updates joined associations itself).
+        if !discovery {
+            sub.catch_up(&a);
         }
         (a, 0)
     } else {

@@ -25,6 +25,7 @@ mod queue;
 use crate::controller::{
     Controller, ControllerConfig, DiscoveryEntryInfo, DiscoverySnapshot, HealthCounters,
 };
+use crate::backend::BackendQueue;
 use crate::exec::{Namespace, Namespaces};
 use crate::log_limited;
 use crate::poller::Poller;
@@ -133,6 +134,8 @@ pub struct TargetStats {
 /// Counters of one connected queue, written only by the poller serving it.
 #[derive(Debug, Default)]
 pub(crate) struct QueueStats {
+    /// An I/O queue (not an admin or discovery queue).
+    io_queue: bool,
     /// I/O commands (the queue pair's counters).
     io: Arc<IoStats>,
     /// PDUs received whole.
@@ -162,6 +165,8 @@ pub struct TargetTotals {
     pub pdus_tx: u64,
     /// Queues (admin and I/O) connected now.
     pub open_queues: usize,
+    /// I/O queues connected now.
+    pub open_io_queues: usize,
     /// I/O counters and latency histograms.
     pub io: Arc<IoStats>,
 }
@@ -196,6 +201,11 @@ pub struct Subsystem {
     nss: Mutex<Arc<Namespaces>>,
     /// Bumped (Release) after each replacement; queues compare it once per round.
     ns_gen: AtomicU64,
+    /// Back-end queues opened (off the pollers) for a namespace being attached, one per I/O
+    /// queue connected at the time; each I/O queue takes one as it moves to the new table.
+    prepared: Mutex<Vec<(u32, Box<dyn BackendQueue>)>>,
+    /// The target stopped: no new association may join (checked under `assocs`' lock).
+    stopped: AtomicBool,
     assocs: Mutex<HashMap<u16, Arc<Association>>>,
     next_cntlid: Mutex<u16>,
     inflight: AtomicU32,
@@ -212,20 +222,8 @@ impl Subsystem {
     /// A subsystem exporting `nss` as configured (the table is widened to
     /// `cfg.max_namespaces` NSIDs, so namespaces can be attached live).
     pub fn new(cfg: TargetConfig, nss: Arc<Namespaces>) -> Arc<Subsystem> {
-        let nss = if (nss.slots() as u64) < cfg.max_namespaces as u64 {
-            let list = (1..=nss.slots() as u32)
-                .map(|n| nss.get(n).cloned())
-                .collect::<Vec<_>>();
-            let mut t = Namespaces::with_slots(Vec::new(), cfg.max_namespaces as usize);
-            for (k, ns) in list.into_iter().enumerate() {
-                if let Some(x) = t.with(k as u32 + 1, ns) {
-                    t = x;
-                }
-            }
-            t
-        } else {
-            nss
-        };
+        let list = (1..=nss.slots() as u32).map(|n| nss.get(n).cloned()).collect();
+        let nss = Namespaces::with_slots(list, cfg.max_namespaces as usize);
         let io_cfg = ControllerConfig {
             subnqn: cfg.nqn.clone(),
             serial: cfg.serial.clone(),
@@ -245,6 +243,8 @@ impl Subsystem {
             disc_cfg: Arc::new(disc_cfg),
             nss: Mutex::new(nss),
             ns_gen: AtomicU64::new(0),
+            prepared: Mutex::new(Vec::new()),
+            stopped: AtomicBool::new(false),
             assocs: Mutex::new(HashMap::new()),
             next_cntlid: Mutex::new(1),
             inflight: AtomicU32::new(0),
@@ -277,7 +277,7 @@ impl Subsystem {
     }
 
     /// Attaches `ns` as NSID `nsid` (or detaches NSID `nsid`, with `None`) while hosts are
-    /// connected: every controller of the subsystem records the change in its Changed Namespace
+    /// connected (prepare the queues first: [`Subsystem::prepare_namespace`]): every controller of the subsystem records the change in its Changed Namespace
     /// List and raises a Namespace Attribute Changed event (hosts that enabled it rescan), and
     /// every I/O queue moves to the new table at its next round; commands in flight on a
     /// detached namespace complete. Returns the namespace that was there. Wake the pollers
@@ -288,6 +288,12 @@ impl Subsystem {
         ns: Option<Arc<Namespace>>,
     ) -> Result<Option<Arc<Namespace>>, String> {
         let mut cur = self.nss.lock().unwrap_or_else(|p| p.into_inner());
+        if ns.is_none() {
+            self.prepared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(n, _)| *n != nsid);
+        }
         let old = cur.get(nsid).cloned();
         let new = cur.with(nsid, ns).ok_or_else(|| {
             format!(
@@ -312,6 +318,47 @@ impl Subsystem {
         self.ns_gen.load(Ordering::Acquire)
     }
 
+    /// Opens a back-end queue of `ns` for every I/O queue connected now, for them to take when
+    /// NSID `nsid` is attached ([`Subsystem::set_namespace`]): opening one can take a
+    /// connection to a remote target, which must not happen on a poller. Call it off the
+    /// pollers, before the attach; a back end that cannot open them refuses the attach before
+    /// anything changed. (An I/O queue that connects in between opens its own, on its
+    /// handshake thread, or its poller opens one.)
+    pub fn prepare_namespace(&self, nsid: u32, ns: &Namespace) -> Result<(), String> {
+        let mut opened = Vec::new();
+        for _ in 0..self.totals().open_io_queues {
+            let q = ns
+                .backend()
+                .open_queue(self.cfg.max_queue_entries as usize)
+                .map_err(|e| format!("namespace {nsid}: cannot open a queue: {e}"))?;
+            opened.push((nsid, q));
+        }
+        let mut prepared = self.prepared.lock().unwrap_or_else(|p| p.into_inner());
+        prepared.retain(|(n, _)| *n != nsid);
+        prepared.extend(opened);
+        Ok(())
+    }
+
+    /// A back-end queue [`Subsystem::prepare_namespace`] opened for NSID `nsid`, if one is left.
+    fn prepared_queue(&self, nsid: u32) -> Option<Box<dyn BackendQueue>> {
+        let mut p = self.prepared.lock().unwrap_or_else(|p| p.into_inner());
+        let k = p.iter().position(|(n, _)| *n == nsid)?;
+        Some(p.swap_remove(k).1)
+    }
+
+    /// Brings a just-joined association's controller to the current table: a namespace change
+    /// between the handshake reading the table and joining would be missed otherwise. Under the
+    /// table's lock, so no change can slip in between (the order set_namespace takes: table,
+    /// then controller).
+    fn catch_up(&self, a: &Association) {
+        let cur = self.nss.lock().unwrap_or_else(|p| p.into_inner());
+        if let Ok(mut c) = a.ctrl.lock() {
+            if !Arc::ptr_eq(c.namespaces(), &cur) {
+                c.set_namespaces(cur.clone());
+            }
+        }
+    }
+
     fn host_allowed(&self, hostnqn: &str) -> bool {
         self.cfg.allowed_hosts.is_empty() || self.cfg.allowed_hosts.iter().any(|h| h == hostnqn)
     }
@@ -319,19 +366,21 @@ impl Subsystem {
     /// The counters of every queue ever connected, summed (for metrics; off the I/O path).
     pub fn totals(&self) -> TargetTotals {
         let sum = QueueStats::default();
-        let mut open = 0;
+        let (mut open, mut open_io) = (0, 0);
         if let Ok(mut v) = self.queues.lock() {
             sum.absorb(&self.closed);
             v.retain(|w| w.strong_count() > 0);
             for s in v.iter().filter_map(|w| w.upgrade()) {
                 sum.absorb(&s);
                 open += 1;
+                open_io += s.io_queue as usize;
             }
         }
         TargetTotals {
             pdus_rx: sum.pdus_rx.load(Ordering::Relaxed),
             pdus_tx: sum.pdus_tx.load(Ordering::Relaxed),
             open_queues: open,
+            open_io_queues: open_io,
             io: sum.io,
         }
     }
@@ -449,18 +498,27 @@ impl Target {
         &self.sub
     }
 
-    /// [`Subsystem::set_namespace`], then wakes the pollers so idle queues move to the new
-    /// table (and admin queues send the event) now rather than at their next packet.
+    /// [`Subsystem::prepare_namespace`] (when attaching) and [`Subsystem::set_namespace`], then
+    /// wakes the pollers so idle queues move to the new table (and admin queues send the event)
+    /// now rather than at their next packet.
     pub fn set_namespace(
         &self,
         nsid: u32,
         ns: Option<Arc<Namespace>>,
     ) -> Result<Option<Arc<Namespace>>, String> {
+        if let Some(n) = &ns {
+            self.sub.prepare_namespace(nsid, n)?;
+        }
         let old = self.sub.set_namespace(nsid, ns)?;
+        self.wake_pollers();
+        Ok(old)
+    }
+
+    /// Wakes the pollers serving the target (after [`Subsystem::set_namespace`]).
+    pub fn wake_pollers(&self) {
         for p in self.pollers.iter() {
             p.waker().wake();
         }
-        Ok(old)
     }
 }
 
@@ -470,8 +528,10 @@ impl Drop for Target {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        // Connections end with their pollers; associations go with the subsystem.
+        // Connections end with their pollers; associations go with the subsystem. A handshake
+        // still running cannot join after this (it checks `stopped` under the same lock).
         if let Ok(a) = self.sub.assocs.lock() {
+            self.sub.stopped.store(true, Ordering::Release);
             for x in a.values() {
                 x.dead.store(true, Ordering::Release);
             }

@@ -2,6 +2,7 @@
 //! commands to the controller or the queue pair, responses and data out.
 
 use super::QueueStats;
+use crate::backend::BackendQueue;
 use super::{inc, Association, Subsystem, COMMAND_INTERRUPTED, RX_BUDGET};
 use crate::addr::AddressSpace;
 use crate::controller::AdminOutcome;
@@ -157,8 +158,11 @@ pub(super) struct TcpQueue {
     /// Slots whose responses went out during a flush.
     sent: Vec<u32>,
     stats: Arc<QueueStats>,
-    /// The subsystem's namespace generation this queue last saw.
+    /// The subsystem's namespace generation this queue last saw, and its table then.
     ns_gen: u64,
+    nss: Arc<Namespaces>,
+    /// PDUs received whole (published to `stats` with the sent count).
+    pdus_rx: u64,
 }
 
 // SAFETY: `iovs` describe pool memory owned by this queue; the queue moves between threads only
@@ -188,7 +192,10 @@ impl TcpQueue {
         } else {
             (sub.io_cfg.ioccsz.saturating_sub(4) * 16).min(slot as u32)
         };
-        let stats = Arc::new(QueueStats::default());
+        let stats = Arc::new(QueueStats {
+            io_queue: qid != 0 && !discovery,
+            ..QueueStats::default()
+        });
         if let Ok(mut v) = sub.queues.lock() {
             v.push(Arc::downgrade(&stats));
         }
@@ -231,6 +238,8 @@ impl TcpQueue {
             sent: Vec::with_capacity(entries as usize * 3 + 8),
             stats,
             ns_gen: sub.ns_gen(),
+            nss: sub.namespaces(),
+            pdus_rx: 0,
             sock,
             sub,
         })
@@ -242,6 +251,12 @@ impl TcpQueue {
         self.tx
             .push(pdu::encode_capsule_resp(&cqe, &self.params), None);
         self.sqhd = 1 % self.entries;
+    }
+
+    /// Makes the PDU counts visible to metrics (only this queue writes them: plain stores).
+    fn publish_pdus(&self) {
+        self.stats.pdus_rx.store(self.pdus_rx, Ordering::Relaxed);
+        self.stats.pdus_tx.store(self.tx.pushed(), Ordering::Relaxed);
     }
 
     /// The queue's I/O counters.
@@ -474,7 +489,7 @@ impl TcpQueue {
 
     /// A PDU is complete.
     fn on_pdu(&mut self, digest_ok: bool) -> Result<(), ConnError> {
-        self.stats.pdus_rx.fetch_add(1, Ordering::Relaxed);
+        self.pdus_rx += 1;
         match self.cur {
             Receiving::Nothing => {}
             Receiving::Term => {
@@ -732,9 +747,7 @@ impl TcpQueue {
         if self.finished {
             return;
         }
-        self.stats
-            .pdus_tx
-            .store(self.tx.pushed(), Ordering::Relaxed);
+        self.publish_pdus();
         let mut sent = std::mem::take(&mut self.sent);
         let r = self.tx.flush(self.fd, &mut |t| sent.push(t));
         for &t in &sent {
@@ -914,16 +927,44 @@ impl Port for TcpQueue {
             return None;
         }
         self.ns_gen = gen;
-        Some(self.sub.namespaces())
+        let new = self.sub.namespaces();
+        // Commands received for a namespace that has since gone (or been replaced) must not
+        // reach whatever now has their NSID: they fail with Invalid Namespace.
+        let gone: Vec<u32> = Namespaces::changed(&self.nss, &new)
+            .filter(|&(_, had)| had)
+            .map(|(nsid, _)| nsid)
+            .collect();
+        if !gone.is_empty() {
+            for s in 0..self.slots.len() {
+                let slot = self.slots[s];
+                if !gone.contains(&slot.sqe.nsid()) {
+                    continue;
+                }
+                match slot.state {
+                    SlotState::Receiving => {
+                        let f = &mut self.slots[s].failed;
+                        *f = f.or(Some(Status::INVALID_NAMESPACE));
+                    }
+                    SlotState::Ready => {
+                        self.ready.retain(|&r| r as usize != s);
+                        self.respond(s as u16, Status::INVALID_NAMESPACE, 0, 0, 0);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.nss = new.clone();
+        Some(new)
+    }
+    fn prepared_queue(&mut self, nsid: u32) -> Option<Box<dyn BackendQueue>> {
+        self.sub.prepared_queue(nsid)
     }
 }
 
 impl Drop for TcpQueue {
     fn drop(&mut self) {
         // Its counters join the subsystem's totals (the poller counts nothing after this).
-        self.stats
-            .pdus_tx
-            .store(self.tx.pushed(), Ordering::Relaxed);
+        self.publish_pdus();
         // Under the list's lock, so a reader never counts them twice or not at all.
         if let Ok(mut v) = self.sub.queues.lock() {
             self.sub.closed.absorb(&self.stats);
