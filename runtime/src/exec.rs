@@ -115,7 +115,10 @@ impl Namespaces {
     }
     /// The NSIDs whose namespace differs between `old` and `new` (attached, detached or
     /// replaced), each with whether `old` had one there.
-    pub fn changed<'a>(old: &'a Namespaces, new: &'a Namespaces) -> impl Iterator<Item = (u32, bool)> + 'a {
+    pub fn changed<'a>(
+        old: &'a Namespaces,
+        new: &'a Namespaces,
+    ) -> impl Iterator<Item = (u32, bool)> + 'a {
         let slots = old.slots().max(new.slots());
         (1..=slots as u32).filter_map(move |nsid| {
             let (a, b) = (old.get(nsid), new.get(nsid));

@@ -721,9 +721,7 @@ impl Pair {
                 };
                 match q {
                     Ok(q) => *slot = Some(q),
-                    Err(e) => log::warn!(
-                        "event=namespace_queue_error nsid={nsid} error=\"{e}\""
-                    ),
+                    Err(e) => log::warn!("event=namespace_queue_error nsid={nsid} error=\"{e}\""),
                 }
             }
             if had {

@@ -149,7 +149,10 @@ impl Daemon {
             let b = open_backend(spec, t.block_size)
                 .map_err(|e| format!("target `{}`: namespace {nsid}: {e}", t.name))?;
             // validate() keeps NSIDs within 1..=max_namespaces.
-            if let Some(slot) = (*nsid as usize).checked_sub(1).and_then(|k| list.get_mut(k)) {
+            if let Some(slot) = (*nsid as usize)
+                .checked_sub(1)
+                .and_then(|k| list.get_mut(k))
+            {
                 *slot = Some(Namespace::with_limits(b.clone(), &spec.limits));
             }
             backends.insert(*nsid, b);

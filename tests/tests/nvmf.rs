@@ -547,8 +547,10 @@ fn namespaces_come_and_go_while_hosts_stay_connected() {
     let b2 = connect(cfg2);
     let mut d2 = Driver::new(&b2, 16);
     d2.write_verify(0, 64, 8, 9, 8);
-    let old = target.set_namespace(2, None).unwrap();
-    assert!(old.is_some(), "NSID 2 was there");
+    let old = target
+        .set_namespace(2, None)
+        .unwrap()
+        .expect("NSID 2 was there");
     let st = d2.run(
         &[Op {
             write: false,
@@ -561,6 +563,17 @@ fn namespaces_come_and_go_while_hosts_stay_connected() {
     );
     assert_eq!(st[0], leap_queues::Status::INVALID_NAMESPACE, "{}", st[0]);
     assert_eq!(zeroes(&mut early), leap_queues::Status::INVALID_NAMESPACE);
+    // Every queue and controller lets go of the detached namespace (what leapd waits for
+    // before syncing its back end).
+    let t0 = std::time::Instant::now();
+    while Arc::strong_count(&old) > 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the detached namespace is still held ({} references)",
+            Arc::strong_count(&old)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(
         target.set_namespace(33, None).is_err(),
         "NSIDs beyond max_namespaces are refused"

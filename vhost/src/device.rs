@@ -13,7 +13,9 @@ use crate::inflight::{self, QueueTracker};
 use crate::queue::{BlkQueue, RingSetup, Signal};
 use crate::region::MemoryTable;
 use crate::stats::{Malformed, VhostStats};
-use leap_runtime::{log_limited, log_limited_by, DeviceIoStats, Namespace, Namespaces, PairId, Poller};
+use leap_runtime::{
+    log_limited, log_limited_by, DeviceIoStats, Namespace, Namespaces, PairId, Poller,
+};
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

@@ -235,7 +235,11 @@ impl Server {
             self.stop.stop();
         }
         let who = self.who();
-        log_limited_by!(&self.stats.events, log::Level::Info, "event=frontend_connected {who}");
+        log_limited_by!(
+            &self.stats.events,
+            log::Level::Info,
+            "event=frontend_connected {who}"
+        );
         let end = loop {
             match handler.handle_request() {
                 Ok(()) => {}

@@ -22,10 +22,10 @@
 mod handshake;
 mod queue;
 
+use crate::backend::BackendQueue;
 use crate::controller::{
     Controller, ControllerConfig, DiscoveryEntryInfo, DiscoverySnapshot, HealthCounters,
 };
-use crate::backend::BackendQueue;
 use crate::exec::{Namespace, Namespaces};
 use crate::log_limited;
 use crate::poller::Poller;
@@ -222,7 +222,9 @@ impl Subsystem {
     /// A subsystem exporting `nss` as configured (the table is widened to
     /// `cfg.max_namespaces` NSIDs, so namespaces can be attached live).
     pub fn new(cfg: TargetConfig, nss: Arc<Namespaces>) -> Arc<Subsystem> {
-        let list = (1..=nss.slots() as u32).map(|n| nss.get(n).cloned()).collect();
+        let list = (1..=nss.slots() as u32)
+            .map(|n| nss.get(n).cloned())
+            .collect();
         let nss = Namespaces::with_slots(list, cfg.max_namespaces as usize);
         let io_cfg = ControllerConfig {
             subnqn: cfg.nqn.clone(),

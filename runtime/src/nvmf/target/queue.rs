@@ -2,9 +2,9 @@
 //! commands to the controller or the queue pair, responses and data out.
 
 use super::QueueStats;
-use crate::backend::BackendQueue;
 use super::{inc, Association, Subsystem, COMMAND_INTERRUPTED, RX_BUDGET};
 use crate::addr::AddressSpace;
+use crate::backend::BackendQueue;
 use crate::controller::AdminOutcome;
 use crate::exec::Namespaces;
 use crate::log_limited;
@@ -238,7 +238,13 @@ impl TcpQueue {
             sent: Vec::with_capacity(entries as usize * 3 + 8),
             stats,
             ns_gen: sub.ns_gen(),
-            nss: sub.namespaces(),
+            // Only I/O queues address namespaces (and only they follow changes): an admin
+            // queue holding a table would keep a detached namespace alive.
+            nss: if qid != 0 && !discovery {
+                sub.namespaces()
+            } else {
+                Arc::new(Namespaces::default())
+            },
             pdus_rx: 0,
             sock,
             sub,
@@ -256,7 +262,9 @@ impl TcpQueue {
     /// Makes the PDU counts visible to metrics (only this queue writes them: plain stores).
     fn publish_pdus(&self) {
         self.stats.pdus_rx.store(self.pdus_rx, Ordering::Relaxed);
-        self.stats.pdus_tx.store(self.tx.pushed(), Ordering::Relaxed);
+        self.stats
+            .pdus_tx
+            .store(self.tx.pushed(), Ordering::Relaxed);
     }
 
     /// The queue's I/O counters.
