@@ -155,6 +155,9 @@ for c in "${cases[@]}"; do
       cat "$work/host-run.out"
       grep "LEAP-CHECK" "$glog" | sed 's/^/  guest: /' || true
       [ "$live" = done ] || { echo "nvmf-interop: the guest never asked for / finished with namespace 2" >&2; rc=1; }
+      if [ "$live" = done ] && ! grep -q "event=namespace_removed target=interop nsid=2 drained=true" "$tlog"; then
+        echo "nvmf-interop: namespace 2's commands did not drain at its removal" >&2; rc=1
+      fi
       stop_last "$tlog" || rc=1
       if [ "$rc" != 0 ]; then
         echo "---- leapd serve log (last 40 lines) ----" >&2; tail -n 40 "$tlog" >&2
