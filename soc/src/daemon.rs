@@ -162,7 +162,7 @@ impl Daemon {
         let target = Target::start(sub, &t.listen, self.pollers.clone())
             .map_err(|e| format!("target `{}`: {e}", t.name))?;
         let addrs: Vec<String> = target.local_addrs().iter().map(|a| a.to_string()).collect();
-        log::info!(
+        let added = format!(
             "event=target_added target={} nqn={} listen={} namespaces={}",
             t.name,
             t.cfg.nqn,
@@ -186,6 +186,7 @@ impl Daemon {
                 backends,
             },
         );
+        log::info!("{added}");
         Ok(())
     }
 
@@ -420,7 +421,7 @@ impl Daemon {
             })
             .map_err(|e| format!("cannot start a disk thread: {e}"))?;
         let info = backend.info();
-        log::info!(
+        let added = format!(
             "event=disk_added disk={} backend={} size={} block_size={} queues={} socket={}",
             disk.name,
             backend.kind(),
@@ -429,7 +430,16 @@ impl Daemon {
             disk.queues,
             disk.socket.display()
         );
-        self.lock().insert(
+        let mut disks = self.lock();
+        // Another disk_add of the same name may have won while this one started (each control
+        // client has its own thread): the later one gives way.
+        if disks.contains_key(&disk.name) {
+            drop(disks);
+            stop.stop();
+            let _ = thread.join();
+            return Err(format!("disk `{}` already exists", disk.name));
+        }
+        disks.insert(
             disk.name.clone(),
             Running {
                 disk,
@@ -439,6 +449,7 @@ impl Daemon {
                 thread,
             },
         );
+        log::info!("{added}");
         Ok(())
     }
 

@@ -124,6 +124,13 @@ impl Family<'_> {
     fn gauge(&mut self, labels: &Labels, v: f64) -> Result<(), std::fmt::Error> {
         self.m.encode_family(labels)?.encode_gauge(&v)
     }
+    /// A counter or gauge sample of a whole number.
+    fn sample(&mut self, ty: MetricType, labels: &Labels, v: u64) -> Result<(), std::fmt::Error> {
+        match ty {
+            MetricType::Gauge => self.gauge(labels, v as f64),
+            _ => self.counter(labels, v),
+        }
+    }
     fn histogram(&mut self, labels: &Labels, h: &[&Histogram]) -> Result<(), std::fmt::Error> {
         let mut counts = [0u64; BUCKETS];
         let mut sum_ns = 0u64;
@@ -145,6 +152,62 @@ impl Family<'_> {
 fn l(pairs: &[(&'static str, &str)]) -> Labels {
     pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
 }
+
+/// A family read from each queue's [`IoStats`]: per disk and queue, and (when it has a
+/// `target_name`) per target, summed over its connections.
+struct QueueFamily {
+    disk_name: &'static str,
+    target_name: &'static str,
+    help: &'static str,
+    ty: MetricType,
+    /// The label that tells the samples of one queue apart (`op`, `kind`), if any.
+    label: Option<&'static str>,
+    /// The samples of one queue: (label value, value).
+    samples: fn(&IoStats) -> Vec<(&'static str, u64)>,
+}
+
+const QUEUE_FAMILIES: [QueueFamily; 5] = [
+    QueueFamily {
+        disk_name: "leap_disk_ops",
+        target_name: "leap_target_ops",
+        help: "Commands completed successfully, by operation",
+        ty: MetricType::Counter,
+        label: Some("op"),
+        samples: |s| OPS.iter().map(|(op, c)| (*op, load(c(s)))).collect(),
+    },
+    QueueFamily {
+        disk_name: "leap_disk_bytes",
+        target_name: "leap_target_bytes",
+        help: "Bytes read and written",
+        ty: MetricType::Counter,
+        label: Some("op"),
+        samples: |s| vec![("read", load(&s.bytes_read)), ("write", load(&s.bytes_written))],
+    },
+    QueueFamily {
+        disk_name: "leap_disk_inflight",
+        target_name: "",
+        help: "Commands taken off the queue and not yet completed",
+        ty: MetricType::Gauge,
+        label: None,
+        samples: |s| vec![("", s.in_flight())],
+    },
+    QueueFamily {
+        disk_name: "leap_disk_errors",
+        target_name: "",
+        help: "Commands that failed: refused as invalid (range, opcode, data pointer) or failed by the back end",
+        ty: MetricType::Counter,
+        label: Some("kind"),
+        samples: |s| vec![("invalid", load(&s.invalid)), ("backend", load(&s.errors))],
+    },
+    QueueFamily {
+        disk_name: "leap_disk_throttled",
+        target_name: "",
+        help: "Commands a rate limit held back",
+        ty: MetricType::Counter,
+        label: None,
+        samples: |s| vec![("", load(&s.throttled))],
+    },
+];
 
 /// Back-end counters with this prefix are bytes through a SoC window, not events.
 const WINDOW: &str = "window_bytes_";
@@ -194,85 +257,16 @@ impl Collector for LeapCollector {
             )?;
         }
 
-        let mut f = family(
-            &mut enc,
-            "leap_disk_ops",
-            "Commands completed successfully, by disk, queue and operation",
-            MetricType::Counter,
-        )?;
-        for d in &disks {
-            for (q, s) in per_queue(d) {
-                for (op, c) in OPS {
-                    f.counter(
-                        &l(&[("disk", &d.name), ("queue", &q), ("op", op)]),
-                        load(c(&s)),
-                    )?;
+        for fam in &QUEUE_FAMILIES {
+            let mut f = family(&mut enc, fam.disk_name, fam.help, fam.ty)?;
+            for d in &disks {
+                for (q, s) in per_queue(d) {
+                    for (v, value) in (fam.samples)(&s) {
+                        let mut labels = l(&[("disk", &d.name), ("queue", &q)]);
+                        labels.extend(fam.label.map(|k| (k, v.to_string())));
+                        f.sample(fam.ty, &labels, value)?;
+                    }
                 }
-            }
-        }
-
-        let mut f = family(
-            &mut enc,
-            "leap_disk_bytes",
-            "Bytes read and written, by disk, queue and operation",
-            MetricType::Counter,
-        )?;
-        for d in &disks {
-            for (q, s) in per_queue(d) {
-                f.counter(
-                    &l(&[("disk", &d.name), ("queue", &q), ("op", "read")]),
-                    load(&s.bytes_read),
-                )?;
-                f.counter(
-                    &l(&[("disk", &d.name), ("queue", &q), ("op", "write")]),
-                    load(&s.bytes_written),
-                )?;
-            }
-        }
-
-        let mut f = family(
-            &mut enc,
-            "leap_disk_inflight",
-            "Commands taken off the queue and not yet completed",
-            MetricType::Gauge,
-        )?;
-        for d in &disks {
-            for (q, s) in per_queue(d) {
-                f.gauge(
-                    &l(&[("disk", &d.name), ("queue", &q)]),
-                    s.in_flight() as f64,
-                )?;
-            }
-        }
-
-        let mut f = family(
-            &mut enc,
-            "leap_disk_errors",
-            "Commands that failed: refused as invalid (range, opcode, data pointer) or failed by the back end",
-            MetricType::Counter,
-        )?;
-        for d in &disks {
-            for (q, s) in per_queue(d) {
-                f.counter(
-                    &l(&[("disk", &d.name), ("queue", &q), ("kind", "invalid")]),
-                    load(&s.invalid),
-                )?;
-                f.counter(
-                    &l(&[("disk", &d.name), ("queue", &q), ("kind", "backend")]),
-                    load(&s.errors),
-                )?;
-            }
-        }
-
-        let mut f = family(
-            &mut enc,
-            "leap_disk_throttled",
-            "Commands a rate limit held back",
-            MetricType::Counter,
-        )?;
-        for d in &disks {
-            for (q, s) in per_queue(d) {
-                f.counter(&l(&[("disk", &d.name), ("queue", &q)]), load(&s.throttled))?;
             }
         }
 
@@ -487,33 +481,15 @@ fn encode_targets(
         }
     }
 
-    let mut f = family(
-        enc,
-        "leap_target_ops",
-        "Commands completed successfully, by operation",
-        MetricType::Counter,
-    )?;
-    for (t, x) in targets.iter().zip(&totals) {
-        for (op, c) in OPS {
-            f.counter(&l(&[("target", &t.name), ("op", op)]), load(c(&x.io)))?;
+    for fam in QUEUE_FAMILIES.iter().filter(|f| !f.target_name.is_empty()) {
+        let mut f = family(enc, fam.target_name, fam.help, fam.ty)?;
+        for (t, x) in targets.iter().zip(&totals) {
+            for (v, value) in (fam.samples)(&x.io) {
+                let mut labels = l(&[("target", &t.name)]);
+                labels.extend(fam.label.map(|k| (k, v.to_string())));
+                f.sample(fam.ty, &labels, value)?;
+            }
         }
-    }
-
-    let mut f = family(
-        enc,
-        "leap_target_bytes",
-        "Bytes read and written",
-        MetricType::Counter,
-    )?;
-    for (t, x) in targets.iter().zip(&totals) {
-        f.counter(
-            &l(&[("target", &t.name), ("op", "read")]),
-            load(&x.io.bytes_read),
-        )?;
-        f.counter(
-            &l(&[("target", &t.name), ("op", "write")]),
-            load(&x.io.bytes_written),
-        )?;
     }
 
     let mut f = family(
