@@ -355,15 +355,12 @@ fn start_inner(
                 ns.writable()?;
                 IoOp::Write { fua: sqe.fua() }
             };
-            // A back end that speaks NVMe to a controller with a transfer limit (MDTS) gets a
-            // larger command as several, each within the limit (a guest with large pages can
-            // build requests bigger than the limit the front end advertised).
+            // A back end with a transfer limit (a remote controller's MDTS, a SoC window's
+            // bounce slots) gets a larger command as several, each within the limit: the front
+            // end then needs no segment limit below a guest's page size (Linux refuses a
+            // max_segment_size under PAGE_SIZE, and Arm guests run 16 and 64 KiB pages).
             let max = ns.info.max_transfer as u64;
-            let parts = if ns.native && max > 0 {
-                len.div_ceil(max)
-            } else {
-                1
-            };
+            let parts = if max > 0 { len.div_ceil(max) } else { 1 };
             if parts > MAX_SPLIT || parts as usize > bq.depth() {
                 return Err(Status::INVALID_FIELD);
             }
@@ -414,7 +411,7 @@ fn start_inner(
                         offset: offset + i * max,
                         len: plen,
                         iov: &scratch.part,
-                        cmd: Some(&sub),
+                        cmd: ns.native.then_some(&sub),
                     };
                     match one(bq, req) {
                         Started::Pending(n, _) => pending += n,
@@ -894,10 +891,12 @@ mod tests {
     /// What a recording back end was given: (SLBA, NLB, iovecs as (address, length)).
     type Seen = Arc<std::sync::Mutex<Vec<(u64, u32, Vec<(usize, usize)>)>>>;
 
-    /// A back end that speaks NVMe, with an 8 KiB transfer limit, recording what it is given.
+    /// A back end with an 8 KiB transfer limit, recording what it is given; it speaks NVMe
+    /// (takes commands) or takes byte ranges.
     struct Recorder {
         info: DiskInfo,
         seen: Seen,
+        native: bool,
     }
 
     struct RecorderQueue(Seen);
@@ -916,7 +915,7 @@ mod tests {
             "recorder"
         }
         fn nvme_native(&self) -> bool {
-            true
+            self.native
         }
     }
 
@@ -925,19 +924,29 @@ mod tests {
             8
         }
         unsafe fn submit(&mut self, req: &IoRequest<'_>) -> Submitted {
-            let c = req.cmd.expect("native");
             let iov = req
                 .iov
                 .iter()
                 .map(|v| (v.iov_base as usize, v.iov_len))
                 .collect();
-            self.0.lock().unwrap().push((c.slba(), c.nlb(), iov));
+            // A command for a native back end; a byte range (512-byte blocks here) otherwise.
+            let (slba, nlb) = match req.cmd {
+                Some(c) => (c.slba(), c.nlb()),
+                None => (req.offset / 512, (req.len / 512) as u32),
+            };
+            self.0.lock().unwrap().push((slba, nlb, iov));
             Submitted::Done(Status::SUCCESS)
         }
     }
 
     #[test]
-    fn commands_beyond_a_native_back_ends_limit_are_split() {
+    fn commands_beyond_a_back_ends_limit_are_split() {
+        for native in [true, false] {
+            split_for(native);
+        }
+    }
+
+    fn split_for(native: bool) {
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let backend: Arc<dyn Backend> = Arc::new(Recorder {
             info: DiskInfo {
@@ -951,6 +960,7 @@ mod tests {
                 serial: "rec".into(),
             },
             seen: seen.clone(),
+            native,
         });
         let mut f = Fixture::new(false);
         f.nss = Namespaces::single(Namespace::new(backend.clone()));
@@ -981,7 +991,7 @@ mod tests {
                 (116, 16, vec![(host + 0x4800, 8192)]),
                 (132, 8, vec![(host + 0x6800, 4096)]),
             ],
-            "three commands within 8 KiB, contiguous in LBA and in memory"
+            "three requests within 8 KiB, contiguous in LBA and in memory (native: {native})"
         );
         // More parts than the queue can ever hold: refused, not held forever.
         let mut big = rw(io::READ, 0, 256);

@@ -257,7 +257,14 @@ impl std::str::FromStr for DiskSpec {
                 };
                 match k {
                     "queues" => t.queues = num(v, 64)? as u16,
-                    "depth" => t.depth = num(v, 1024)?.max(2) as u16,
+                    "depth" => {
+                        t.depth = num(v, 1024)? as u16;
+                        if t.depth < 8 {
+                            return Err(format!(
+                                "depth={v}: at least 8 (a guest request may be split into 8 commands)"
+                            ));
+                        }
+                    }
                     "digest" => t.digest = on_off(k, v)?,
                     "hostnqn" => t.hostnqn = Some(v.to_string()),
                     "timeout" => t.timeout = parse_duration(v)?,

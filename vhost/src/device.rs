@@ -404,16 +404,27 @@ impl BlkDevice {
     }
 }
 
+/// Most commands one request to a back end with a transfer limit is split into (1 MiB requests
+/// at a 128 KiB limit).
+const SPLIT_PARTS: u64 = 8;
+
 /// The configuration space of a device of `ctx`'s disk.
 pub(crate) fn blk_config(ctx: &DeviceContext, shared: &Shared) -> BlkConfig {
     let s = &shared.shape;
     let c = &ctx.config;
     let block_sectors = s.block_size / 512;
-    // A back end with a transfer limit (a remote controller's MDTS): segments of at most one
-    // 4 KiB page and no more of them than the limit holds, so no request exceeds it.
+    // A back end with a transfer limit (a remote controller's MDTS, bounce slots) gets larger
+    // requests split by the executor: segments up to the limit (never below a 16 or 64 KiB
+    // guest page for the usual 128 KiB limit; Linux refuses a max_segment_size under its page
+    // size), and few enough of them that a request splits into at most SPLIT_PARTS commands,
+    // which any back-end queue of 8 or more entries takes.
     let (size_max, seg_max) = match s.max_transfer {
         0 => (c.size_max, c.seg_max),
-        m => (c.size_max.min(4096), c.seg_max.min(m / 4096).max(1)),
+        m => {
+            let size_max = c.size_max.min(m).max(1);
+            let most = (SPLIT_PARTS * m as u64 / size_max as u64) as u32;
+            (size_max, c.seg_max.min(most).max(1))
+        }
     };
     BlkConfig {
         capacity: s.sectors,

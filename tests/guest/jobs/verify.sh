@@ -75,6 +75,11 @@ run_fio "randwrite-4k-128k-2jobs" --name=mix $common --rw=randwrite --bsrange=4k
 run_fio "verify-only-4k-128k-2jobs" --name=mix $common --rw=randwrite --bsrange=4k-128k --iodepth=16 \
   --offset=${MB}M --size=${half}M --offset_increment=${half}M --numjobs=2 \
   --cpus_allowed=0-1 --cpus_allowed_policy=split --verify_only=1
+# 2b) 1 MiB requests (a back end with a transfer limit gets each split into commands within it;
+#     the limit no longer shrinks the guest's segments to 4 KiB), into region 2, verified
+note "max_segment_size=$(cat "$SYS/queue/max_segment_size") max_segments=$(cat "$SYS/queue/max_segments") max_sectors_kb=$(cat "$SYS/queue/max_sectors_kb")"
+run_fio "write-1m-qd4+verify" --name=big $common --rw=write --bs=1M --iodepth=4 \
+  --offset=${MB}M --size=${MB}M --do_verify=1
 
 # 3) flush: a write job with fsync every 8 writes must make FLUSH requests reach the device
 f0=$(blkstat 16)
