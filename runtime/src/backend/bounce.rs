@@ -105,7 +105,7 @@ impl Backend for BounceBackend {
             pool: vec![0u8; bytes].into_boxed_slice(),
             size,
             free: (0..slots).rev().collect(),
-            by_tag: Vec::with_capacity(slots),
+            by_slot: (0..slots).map(|_| None).collect(),
             iov: (0..slots).map(|_| Vec::with_capacity(16)).collect(),
         }))
     }
@@ -129,10 +129,12 @@ impl Backend for BounceBackend {
     }
 }
 
-/// A request in flight through a bounce slot.
+/// A request in flight through a bounce slot. The inner back end knows it by its slot (a
+/// front end may have several requests with one tag in flight: a command split for the
+/// transfer limit), and its completion goes to the front end under `tag`.
+#[derive(Clone, Copy)]
 struct InFlight {
     tag: u64,
-    slot: usize,
     /// A read: copy the slot into the saved iovecs at completion.
     read: bool,
     len: usize,
@@ -144,7 +146,8 @@ struct BounceQueue {
     pool: Box<[u8]>,
     size: usize,
     free: Vec<usize>,
-    by_tag: Vec<InFlight>,
+    /// What each slot holds while its request is in flight.
+    by_slot: Vec<Option<InFlight>>,
     /// Per slot: the request's iovecs into window memory (kept for reads until completion).
     iov: Vec<Vec<libc::iovec>>,
 }
@@ -159,13 +162,14 @@ impl BounceQueue {
         self.pool[slot * self.size..].as_mut_ptr()
     }
 
-    /// Copies a finished read's data into the window and frees its slot.
-    fn finish(&mut self, k: usize) {
-        let f = self.by_tag.swap_remove(k);
-        if f.read {
-            let src = self.slot_ptr(f.slot);
+    /// Copies a finished read's data into the window and frees slot `slot`; returns the
+    /// front end's tag (None for a slot with nothing in flight: a back end's stray tag).
+    fn finish(&mut self, slot: usize, ok: bool) -> Option<u64> {
+        let f = self.by_slot.get_mut(slot)?.take()?;
+        if f.read && ok {
+            let src = self.slot_ptr(slot);
             let mut done = 0usize;
-            for v in &self.iov[f.slot] {
+            for v in &self.iov[slot] {
                 let n = v.iov_len.min(f.len - done);
                 // SAFETY: `src .. src + f.len` is this slot of the pool; the iovec is window
                 // memory the submitter keeps valid until this completion (submit's contract).
@@ -179,7 +183,8 @@ impl BounceQueue {
             }
             Copied::add(&self.copied.to_window, done);
         }
-        self.free.push(f.slot);
+        self.free.push(slot);
+        Some(f.tag)
     }
 }
 
@@ -230,31 +235,22 @@ impl BackendQueue for BounceQueue {
             iov_len: len,
         }];
         let inner = IoRequest {
+            tag: slot as u64,
             iov: &local,
             ..*req
         };
-        // SAFETY: the slot stays ours (not on the free list) until this tag completes.
+        self.by_slot[slot] = Some(InFlight {
+            tag: req.tag,
+            read,
+            len,
+        });
+        // SAFETY: the slot stays ours (not on the free list) until its request completes.
         match unsafe { self.inner.submit(&inner) } {
             Submitted::Done(st) => {
-                self.by_tag.push(InFlight {
-                    tag: req.tag,
-                    slot,
-                    read: read && st.is_success(),
-                    len,
-                });
-                let k = self.by_tag.len() - 1;
-                self.finish(k);
+                self.finish(slot, st.is_success());
                 Submitted::Done(st)
             }
-            Submitted::Queued => {
-                self.by_tag.push(InFlight {
-                    tag: req.tag,
-                    slot,
-                    read,
-                    len,
-                });
-                Submitted::Queued
-            }
+            Submitted::Queued => Submitted::Queued,
         }
     }
     fn flush(&mut self) {
@@ -272,14 +268,17 @@ impl BackendQueue for BounceQueue {
                 extra.push((tag, st));
             }
         });
-        for &(tag, st) in finished[..n].iter().chain(extra.iter()) {
-            if let Some(k) = self.by_tag.iter().position(|f| f.tag == tag) {
-                if !st.is_success() {
-                    self.by_tag[k].read = false;
-                }
-                self.finish(k);
+        for &(slot, st) in finished[..n].iter().chain(extra.iter()) {
+            match usize::try_from(slot)
+                .ok()
+                .and_then(|k| self.finish(k, st.is_success()))
+            {
+                Some(tag) => done(tag, st),
+                None => crate::log_limited!(
+                    log::Level::Error,
+                    "bounce: the back end completed request {slot}, which is not in flight"
+                ),
             }
-            done(tag, st);
         }
         count
     }
@@ -425,6 +424,107 @@ mod tests {
             },
             "every queue's copies are counted"
         );
+    }
+
+    /// Over a RAM disk: holds each request and carries out one per poll, last in first out (so
+    /// a later part of a command finishes, alone, before an earlier one).
+    struct Lifo {
+        ram: Arc<RamBackend>,
+    }
+    struct LifoQueue {
+        q: Box<dyn BackendQueue>,
+        held: Vec<(u64, IoOp, u64, Vec<libc::iovec>)>,
+    }
+    // SAFETY: the held iovecs point into bounce slots that stay valid until their completion.
+    unsafe impl Send for LifoQueue {}
+    impl Backend for Lifo {
+        fn info(&self) -> &DiskInfo {
+            self.ram.info()
+        }
+        fn open_queue(&self, depth: usize) -> Result<Box<dyn BackendQueue>, BackendError> {
+            Ok(Box::new(LifoQueue {
+                q: self.ram.open_queue(depth)?,
+                held: Vec::new(),
+            }))
+        }
+        fn kind(&self) -> &'static str {
+            "lifo"
+        }
+    }
+    impl BackendQueue for LifoQueue {
+        unsafe fn submit(&mut self, req: &IoRequest<'_>) -> Submitted {
+            self.held
+                .push((req.tag, req.op, req.offset, req.iov.to_vec()));
+            Submitted::Queued
+        }
+        fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
+            let n = self.held.len().min(1);
+            if let Some((tag, op, offset, iov)) = self.held.pop() {
+                let req = IoRequest {
+                    tag,
+                    op,
+                    offset,
+                    len: iov.iter().map(|v| v.iov_len as u64).sum(),
+                    iov: &iov,
+                    cmd: None,
+                };
+                // SAFETY: the iovecs are bounce slots, valid until this completion.
+                let st = match unsafe { self.q.submit(&req) } {
+                    Submitted::Done(st) => st,
+                    Submitted::Queued => Status::INTERNAL_ERROR,
+                };
+                done(tag, st);
+            }
+            n
+        }
+        fn in_flight(&self) -> usize {
+            self.held.len()
+        }
+    }
+
+    #[test]
+    fn parts_of_one_command_complete_in_any_order() {
+        // A command split for the transfer limit: two reads under one tag, completed in the
+        // reverse order; each part's data must land in its own place.
+        let ram = RamBackend::new(1 << 20, 512).unwrap();
+        let pattern: Vec<u8> = (0..16384u32).map(|i| (i / 512) as u8 ^ (i as u8)).collect();
+        let mut wq = ram.open_queue(4).unwrap();
+        let mut w = pattern.clone();
+        assert_eq!(
+            run(&mut *wq, IoOp::Write { fua: false }, 0, &mut w),
+            Status::SUCCESS
+        );
+        let b = BounceBackend::new(Arc::new(Lifo { ram }), 8192).unwrap();
+        let mut q = b.open_queue(4).unwrap();
+        let mut out = vec![0u8; 16384];
+        let (first, second) = out.split_at_mut(8192);
+        for (off, buf) in [(0u64, first), (8192, second)] {
+            let iov = [libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            }];
+            let req = IoRequest {
+                tag: 7,
+                op: IoOp::Read,
+                offset: off,
+                len: 8192,
+                iov: &iov,
+                cmd: None,
+            };
+            // SAFETY: `out` outlives the requests, which complete in the poll below.
+            assert!(matches!(unsafe { q.submit(&req) }, Submitted::Queued));
+        }
+        let mut tags = Vec::new();
+        while q.in_flight() > 0 {
+            q.poll(&mut |t, st| tags.push((t, st)));
+        }
+        assert_eq!(
+            tags,
+            vec![(7, Status::SUCCESS); 2],
+            "completions under the command's tag"
+        );
+        assert_eq!(out, pattern, "each part's data in its own place");
+        assert_eq!(q.room(), 4);
     }
 
     #[test]
