@@ -129,6 +129,11 @@ impl Backend for BounceBackend {
     }
 }
 
+/// Tags the inner back end sees for requests through a slot (the slot in the low bits); a
+/// request without data (flush, deallocate, write zeroes) passes through under the front end's
+/// own tag, which never has this bit (front ends tag with command ids).
+const SLOT_TAG: u64 = 1 << 63;
+
 /// A request in flight through a bounce slot. The inner back end knows it by its slot (a
 /// front end may have several requests with one tag in flight: a command split for the
 /// transfer limit), and its completion goes to the front end under `tag`.
@@ -199,7 +204,8 @@ impl BackendQueue for BounceQueue {
         let read = match req.op {
             IoOp::Read => true,
             IoOp::Write { .. } => false,
-            // No data in guest memory: straight through.
+            // No data in guest memory: straight through, under its own tag.
+            _ if req.tag & SLOT_TAG != 0 => return Submitted::Done(Status::INTERNAL_ERROR),
             // SAFETY: the caller's contract, unchanged.
             _ => return unsafe { self.inner.submit(req) },
         };
@@ -235,7 +241,7 @@ impl BackendQueue for BounceQueue {
             iov_len: len,
         }];
         let inner = IoRequest {
-            tag: slot as u64,
+            tag: SLOT_TAG | slot as u64,
             iov: &local,
             ..*req
         };
@@ -268,7 +274,13 @@ impl BackendQueue for BounceQueue {
                 extra.push((tag, st));
             }
         });
-        for &(slot, st) in finished[..n].iter().chain(extra.iter()) {
+        for &(tag, st) in finished[..n].iter().chain(extra.iter()) {
+            if tag & SLOT_TAG == 0 {
+                // A request without data, passed through under the front end's tag.
+                done(tag, st);
+                continue;
+            }
+            let slot = tag & !SLOT_TAG;
             match usize::try_from(slot)
                 .ok()
                 .and_then(|k| self.finish(k, st.is_success()))
@@ -514,14 +526,29 @@ mod tests {
             // SAFETY: `out` outlives the requests, which complete in the poll below.
             assert!(matches!(unsafe { q.submit(&req) }, Submitted::Queued));
         }
+        // And a flush, which passes through under its own tag.
+        let flush = IoRequest {
+            tag: 9,
+            op: IoOp::Flush,
+            offset: 0,
+            len: 0,
+            iov: &[],
+            cmd: None,
+        };
+        // SAFETY: no data.
+        assert!(matches!(unsafe { q.submit(&flush) }, Submitted::Queued));
         let mut tags = Vec::new();
         while q.in_flight() > 0 {
             q.poll(&mut |t, st| tags.push((t, st)));
         }
         assert_eq!(
             tags,
-            vec![(7, Status::SUCCESS); 2],
-            "completions under the command's tag"
+            vec![
+                (9, Status::SUCCESS),
+                (7, Status::SUCCESS),
+                (7, Status::SUCCESS)
+            ],
+            "completions under the front end's tags"
         );
         assert_eq!(out, pattern, "each part's data in its own place");
         assert_eq!(q.room(), 4);
