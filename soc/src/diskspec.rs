@@ -186,8 +186,12 @@ pub fn with_limits(spec: &str, l: &leap_runtime::throttle::Limits) -> String {
     parts.join(",")
 }
 
-/// Sets a rate limit option; false if `k` is not one.
-fn limit(l: &mut leap_runtime::throttle::Limits, k: &str, v: &str) -> Result<bool, String> {
+/// Sets a rate limit option (`iops`, `iops-rd`, `bps-wr`, ...); false if `k` is not one.
+pub(crate) fn limit(
+    l: &mut leap_runtime::throttle::Limits,
+    k: &str,
+    v: &str,
+) -> Result<bool, String> {
     let slot = match k {
         "iops" => &mut l.iops,
         "iops-rd" => &mut l.iops_rd,

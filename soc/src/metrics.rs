@@ -566,18 +566,23 @@ pub fn render(registry: &Registry) -> Result<String, std::fmt::Error> {
 }
 
 fn serve(server: &tiny_http::Server, registry: &Registry) {
+    // A constant header: it always parses (and a scrape without it still reads as text).
     let content_type = tiny_http::Header::from_bytes(
         &b"Content-Type"[..],
         &b"application/openmetrics-text; version=1.0.0; charset=utf-8"[..],
     )
-    .expect("a valid header");
+    .ok();
     for req in server.incoming_requests() {
         let path = req.url().split('?').next().unwrap_or("");
         let resp = match (req.method(), path) {
             (tiny_http::Method::Get, "/metrics") => match render(registry) {
-                Ok(body) => tiny_http::Response::from_string(body)
-                    .with_header(content_type.clone())
-                    .boxed(),
+                Ok(body) => {
+                    let mut r = tiny_http::Response::from_string(body);
+                    if let Some(h) = &content_type {
+                        r.add_header(h.clone());
+                    }
+                    r.boxed()
+                }
                 Err(_) => tiny_http::Response::from_string("cannot encode the metrics\n")
                     .with_status_code(500)
                     .boxed(),

@@ -196,27 +196,22 @@ fn name_param(params: &Value, required: bool) -> Result<Option<String>, String> 
 fn limits_param(params: &Value) -> Result<leap_runtime::throttle::Limits, String> {
     let mut l = leap_runtime::throttle::Limits::default();
     for (k, v) in params.as_object().into_iter().flatten() {
-        let num = |v: &Value| -> Result<u64, String> {
-            match v {
-                Value::Number(n) => n
-                    .as_u64()
-                    .filter(|&n| n > 0)
-                    .ok_or_else(|| format!("{k}: a positive whole number")),
-                Value::String(s) if k.starts_with("bps") => crate::diskspec::parse_size(s),
-                _ => Err(format!("{k}: a positive whole number")),
-            }
+        if k == "name" {
+            continue;
+        }
+        // The disk spec's options, with `_` for `-`; numbers, or sizes for the byte rates.
+        let text = match v {
+            Value::Number(n) => n
+                .as_u64()
+                .filter(|&n| n > 0)
+                .map(|n| n.to_string())
+                .ok_or_else(|| format!("{k}: a positive whole number"))?,
+            Value::String(s) if k.starts_with("bps") => s.clone(),
+            _ => return Err(format!("{k}: a positive whole number")),
         };
-        let slot = match k.as_str() {
-            "name" => continue,
-            "iops" => &mut l.iops,
-            "iops_rd" => &mut l.iops_rd,
-            "iops_wr" => &mut l.iops_wr,
-            "bps" => &mut l.bps,
-            "bps_rd" => &mut l.bps_rd,
-            "bps_wr" => &mut l.bps_wr,
-            _ => return Err(format!("unknown param `{k}`")),
-        };
-        *slot = Some(num(v)?);
+        if k.contains('-') || !crate::diskspec::limit(&mut l, &k.replace('_', "-"), &text)? {
+            return Err(format!("unknown param `{k}`"));
+        }
     }
     Ok(l)
 }
