@@ -79,6 +79,77 @@ fn check_range(addr: u64, len: u64) -> Result<(), Status> {
         .ok_or(Status::DATA_TRANSFER_ERROR)
 }
 
+/// Why [`build_prps`] cannot describe a transfer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PrpBuildError {
+    /// A segment other than the first does not start on a page boundary, a segment other than
+    /// the last does not end on one, the first is not dword aligned, or a segment is empty or
+    /// wraps: PRPs cannot express it (an SGL or a bounce buffer can).
+    #[error("data segments are not page aligned as PRPs need")]
+    Unaligned,
+    /// More list entries are needed than the list holds.
+    #[error("transfer needs more than {0} PRP list entries")]
+    TooLong(usize),
+}
+
+/// Builds the PRPs of a transfer, the inverse of [`walk_prps`]: `segs` are the data's device
+/// addresses and lengths, in order; `put(i, entry)` stores entry `i` of the PRP list, which the
+/// device finds at `list_addr` (page aligned; at most `list_len` entries, all in one page, so no
+/// chaining). Returns (PRP1, PRP2). Nothing is allocated.
+pub fn build_prps(
+    segs: impl IntoIterator<Item = (u64, u64)>,
+    page_size: u64,
+    list_addr: u64,
+    list_len: usize,
+    mut put: impl FnMut(usize, u64),
+) -> Result<(u64, u64), PrpBuildError> {
+    debug_assert!(valid_page_size(page_size));
+    let mask = page_size - 1;
+    // Entry 0 is PRP1; entries 1.. go to the list, entry 1 is PRP2 when there are only two.
+    let mut first: Option<u64> = None;
+    let mut second = 0u64;
+    let mut n = 0usize;
+    let mut prev_end: Option<u64> = None;
+    for (addr, len) in segs {
+        let end = addr.checked_add(len).ok_or(PrpBuildError::Unaligned)?;
+        if len == 0 {
+            return Err(PrpBuildError::Unaligned);
+        }
+        let mut page = match prev_end {
+            None if addr & 3 != 0 => return Err(PrpBuildError::Unaligned),
+            None => addr,
+            // A later segment starts on a page boundary and follows one that ended on one.
+            Some(pe) if pe & mask != 0 || addr & mask != 0 => return Err(PrpBuildError::Unaligned),
+            Some(_) => addr,
+        };
+        loop {
+            match n {
+                0 => first = Some(page),
+                _ if n > list_len => return Err(PrpBuildError::TooLong(list_len)),
+                _ => {
+                    if n == 1 {
+                        second = page;
+                    }
+                    put(n - 1, page);
+                }
+            }
+            n += 1;
+            // The next page boundary after `page`; stop at the end of the segment.
+            match (page & !mask).checked_add(page_size) {
+                Some(next) if next < end => page = next,
+                _ => break,
+            }
+        }
+        prev_end = Some(end);
+    }
+    Ok(match n {
+        0 => (0, 0),
+        1 => (first.unwrap_or(0), 0),
+        2 => (first.unwrap_or(0), second),
+        _ => (first.unwrap_or(0), list_addr),
+    })
+}
+
 /// Walks the PRPs of a command transferring `len` bytes with memory page size `page_size`.
 ///
 /// `read_list(addr, out)` must fill `out` with the `out.len()` consecutive 8-byte PRP list
@@ -499,6 +570,62 @@ mod tests {
             if r.is_ok() {
                 prop_assert_eq!(total, len);
             }
+        }
+            /// PRPs built from segments a device could be given (first at any dword offset, the
+        /// rest page aligned, all but the last ending on a page boundary) walk back to the same
+        /// data, merged; segments PRPs cannot express are refused.
+        #[test]
+        fn built_prps_walk_back(
+            ps_shift in 12u32..17,
+            off_dw in 0u64..16384,
+            pages in proptest::collection::vec((1u64..4, 0u64..3), 1..40),
+            tail in 1u64..65536,
+            bad in any::<bool>(),
+        ) {
+            let ps = 1u64 << ps_shift;
+            let off = (off_dw * 4) % ps;
+            let mut segs = Vec::new();
+            let mut a = 0x2_0000_0000u64;
+            for (k, &(n, gap)) in pages.iter().enumerate() {
+                let start = if k == 0 { a + off } else { a };
+                let mut len = n * ps - if k == 0 { off } else { 0 };
+                if k + 1 == pages.len() {
+                    len = len.min(tail).max(1);
+                }
+                segs.push((start, len));
+                a += (n + gap) * ps;
+            }
+            if bad && segs.len() > 1 {
+                segs[1].0 += 512;
+                let r = build_prps(segs.iter().copied(), ps, 0x9_0000_0000, 4096, |_, _| {});
+                prop_assert_eq!(r, Err(PrpBuildError::Unaligned));
+                return Ok(());
+            }
+            let len: u64 = segs.iter().map(|s| s.1).sum();
+            let mut lists = Lists::default();
+            let list_addr = 0x9_0000_0000u64;
+            let max = (ps / 8) as usize;
+            let r = build_prps(segs.iter().copied(), ps, list_addr, max, |i, e| {
+                lists.0.insert(list_addr + 8 * i as u64, e);
+            });
+            let pages_needed = segs.iter().enumerate().map(|(k, &(s, l))| {
+                let first = if k == 0 { s & !(ps - 1) } else { s };
+                (s + l - first).div_ceil(ps)
+            }).sum::<u64>() as usize;
+            if pages_needed - 1 > max {
+                prop_assert_eq!(r, Err(PrpBuildError::TooLong(max)));
+                return Ok(());
+            }
+            let (prp1, prp2) = r.unwrap();
+            let got = walk(prp1, prp2, len, ps, &lists).unwrap();
+            let mut want: Vec<(u64, u64)> = Vec::new();
+            for &(s, l) in &segs {
+                match want.last_mut() {
+                    Some(p) if p.0 + p.1 == s => p.1 += l,
+                    _ => want.push((s, l)),
+                }
+            }
+            prop_assert_eq!(got, want);
         }
     }
 }

@@ -377,9 +377,35 @@ fn next(i: u32, size: u32) -> u32 {
     }
 }
 
+/// A doorbell: where one side of a ring publishes an index for the other.
+///
+/// In process (an in-process queue pair, a guest's shadow doorbells) it is an [`AtomicU32`]
+/// behind any pointer, and the orderings are those of the module table. A device's doorbell is a
+/// register behind an MMIO mapping: its `store` must make every earlier write to ring memory
+/// visible to the device before the register write (a DMA write barrier), and an SQ producer
+/// talking to a device learns the head from completions (SQHD), through an in-process
+/// [`AtomicU32`] its owner updates, not from the device.
+pub trait DoorbellReg {
+    /// Reads the doorbell.
+    fn load(&self, order: Ordering) -> u32;
+    /// Writes the doorbell.
+    fn store(&self, v: u32, order: Ordering);
+}
+
+impl<P: Deref<Target = AtomicU32>> DoorbellReg for P {
+    #[inline]
+    fn load(&self, order: Ordering) -> u32 {
+        (**self).load(order)
+    }
+    #[inline]
+    fn store(&self, v: u32, order: Ordering) {
+        (**self).store(v, order)
+    }
+}
+
 /// Loads a doorbell the peer writes, with Acquire, and rejects values that are not indices.
 #[inline]
-fn load_doorbell(db: &AtomicU32, size: u32) -> Result<u32, RingError> {
+fn load_doorbell(db: &impl DoorbellReg, size: u32) -> Result<u32, RingError> {
     // Acquire: pairs with the peer's Release store of this doorbell (see the module table), so
     // that everything the peer did to the slots before the store happens before what we do
     // after this load.
@@ -391,8 +417,9 @@ fn load_doorbell(db: &AtomicU32, size: u32) -> Result<u32, RingError> {
     }
 }
 
-/// Producer side of a submission queue.
-pub struct SqProducer<T, S, D> {
+/// Producer side of a submission queue. `D` is the tail doorbell, `H` where the head comes from
+/// (the consumer's head doorbell in process; for a device, the SQ head its completions report).
+pub struct SqProducer<T, S, D, H = D> {
     slots: S,
     size: u32,
     /// Next slot to write (local).
@@ -402,15 +429,15 @@ pub struct SqProducer<T, S, D> {
     /// Last head value read from the head doorbell.
     head: u32,
     tail_db: D,
-    head_db: D,
+    head_db: H,
     _entry: PhantomData<fn(T) -> T>,
 }
 
-impl<T: Copy, S: Slots<T>, D: Deref<Target = AtomicU32>> SqProducer<T, S, D> {
+impl<T: Copy, S: Slots<T>, D: DoorbellReg, H: DoorbellReg> SqProducer<T, S, D, H> {
     /// A producer writing `slots`, publishing through `tail_db` and learning about free slots
     /// from `head_db`. The queue starts empty at index 0 (as after Create I/O Submission Queue);
     /// the doorbells are not read here.
-    pub fn new(slots: S, tail_db: D, head_db: D) -> Result<Self, RingError> {
+    pub fn new(slots: S, tail_db: D, head_db: H) -> Result<Self, RingError> {
         let size = ring_size(slots.len())?;
         Ok(SqProducer {
             slots,
@@ -484,7 +511,7 @@ pub struct SqConsumer<T, S, D> {
     _entry: PhantomData<fn(T) -> T>,
 }
 
-impl<T: Copy, S: Slots<T>, D: Deref<Target = AtomicU32>> SqConsumer<T, S, D> {
+impl<T: Copy, S: Slots<T>, D: DoorbellReg> SqConsumer<T, S, D> {
     /// A consumer reading `slots`, learning about new entries from `tail_db` and giving slots back
     /// through `head_db`. The queue starts empty at index 0; the doorbells are not read here.
     pub fn new(slots: S, tail_db: D, head_db: D) -> Result<Self, RingError> {
@@ -557,7 +584,7 @@ pub struct CqProducer<S, D> {
     head_db: D,
 }
 
-impl<S: CqSlots, D: Deref<Target = AtomicU32>> CqProducer<S, D> {
+impl<S: CqSlots, D: DoorbellReg> CqProducer<S, D> {
     /// A producer writing `slots` and learning about free slots from `head_db`. The queue starts
     /// at index 0 writing phase tag 1, so the memory must be zeroed before the first use (as the
     /// NVMe host does when it creates a completion queue).
@@ -623,7 +650,7 @@ pub struct CqConsumer<S, D> {
     head_db: D,
 }
 
-impl<S: CqSlots, D: Deref<Target = AtomicU32>> CqConsumer<S, D> {
+impl<S: CqSlots, D: DoorbellReg> CqConsumer<S, D> {
     /// A consumer reading `slots` and giving them back through `head_db`. It starts at index 0
     /// expecting phase tag 1; the memory must be zeroed before the producer starts.
     pub fn new(slots: S, head_db: D) -> Result<Self, RingError> {
@@ -646,6 +673,17 @@ impl<S: CqSlots, D: Deref<Target = AtomicU32>> CqConsumer<S, D> {
     /// The phase tag expected at the head.
     pub fn phase(&self) -> bool {
         self.phase
+    }
+
+    /// Whether a new completion waits at the head (its phase tag matches), without taking it.
+    pub fn pending(&self) -> bool {
+        // Acquire, as in `pop`; nothing else is read.
+        // SAFETY: `head < size == slots.len()`.
+        let status = unsafe {
+            self.slots
+                .load_status(self.head as usize, Ordering::Acquire)
+        };
+        (status & 1 != 0) == self.phase
     }
 
     /// Takes the next completion, if its phase tag says it is new. The slot stays owned by the

@@ -31,3 +31,41 @@ pub(crate) fn map_anonymous(len: usize) -> std::io::Result<*mut u8> {
     }
     Ok(base.cast())
 }
+
+/// Private anonymous memory owned by this value (see [`map_anonymous`]), unmapped on drop.
+/// Accessed only through raw pointers: back ends and devices read and write it.
+pub(crate) struct Anon {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: plain memory owned by this value; its users (a connection, a back-end queue and the
+// I/O they start) order their accesses through the thread that owns them, as for guest memory.
+unsafe impl Send for Anon {}
+// SAFETY: as for Send: shared only to keep the mapping alive and to hand out its address.
+unsafe impl Sync for Anon {}
+
+impl Anon {
+    /// `len` bytes (reserved, committed as touched).
+    pub(crate) fn new(len: usize) -> std::io::Result<Anon> {
+        Ok(Anon {
+            ptr: map_anonymous(len)?,
+            len,
+        })
+    }
+    /// The first byte.
+    pub(crate) fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+    /// The length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for Anon {
+    fn drop(&mut self) {
+        // SAFETY: exactly what mmap returned; this is the last owner, so nothing uses it.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}

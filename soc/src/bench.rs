@@ -117,7 +117,7 @@ fn run_case(backend_name: &str, qd: u16, a: &BenchArgs) -> Result<Row, String> {
                 fill(p, size)?;
             }
         }
-        DiskKind::File(_) | DiskKind::NvmeTcp(_) => {}
+        DiskKind::File(_) | DiskKind::NvmeTcp(_) | DiskKind::Vfio(_) => {}
     }
     if let DiskKind::File(p) = &spec.kind {
         warn_if_sparse(p, backend_name);

@@ -605,6 +605,7 @@ disk = "null"
                 DiskKind::Ram => "ram",
                 DiskKind::Null => "null",
                 DiskKind::NvmeTcp(_) => "nvme-tcp",
+                DiskKind::Vfio(_) => "vfio",
             })
             .collect();
         assert_eq!(kinds, ["file", "ram", "null"]);

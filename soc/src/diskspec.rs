@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 /// The syntax, for help texts and error messages.
 pub const DISK_SYNTAX: &str = "PATH[,size=SIZE][,direct=on|off][,readonly=on]  (PATH may be `null` or `ram`), or \
-     nvme-tcp://HOST:PORT/NQN[/NSID][,queues=N][,depth=N][,digest=on|off][,hostnqn=NQN][,timeout=30s]; \
+     nvme-tcp://HOST:PORT/NQN[/NSID][,queues=N][,depth=N][,digest=on|off][,hostnqn=NQN][,timeout=30s], or \
+     vfio:PCI-ADDRESS[/NSID][,queues=N][,depth=N][,timeout=30s] (an NVMe controller bound to vfio-pci); \
      any disk also takes rate limits [,iops=N][,iops-rd=N][,iops-wr=N][,bps=SIZE][,bps-rd=SIZE][,bps-wr=SIZE]";
 
 /// What kind of back end a disk spec names.
@@ -19,6 +20,45 @@ pub enum DiskKind {
     Ram,
     /// A namespace on an NVMe/TCP target.
     NvmeTcp(NvmeTcpSpec),
+    /// A namespace of a local NVMe controller driven from userspace through VFIO.
+    Vfio(VfioSpec),
+}
+
+/// `vfio:PCI-ADDRESS[/NSID]` and its options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VfioSpec {
+    /// PCI address, e.g. 0000:01:00.0.
+    pub bdf: String,
+    /// Namespace ID (default 1).
+    pub nsid: u32,
+    /// I/O queues to ask for (default 8; one per poller is used).
+    pub queues: u16,
+    /// Entries per I/O queue (default 256).
+    pub depth: u16,
+    /// Command timeout before Abort; twice that and the controller is reset (default 30 s).
+    pub timeout: std::time::Duration,
+}
+
+fn parse_vfio(rest: &str) -> Result<VfioSpec, String> {
+    let bad = |why: String| format!("bad vfio disk `vfio:{rest}`: {why}; syntax: {DISK_SYNTAX}");
+    let (bdf, nsid) = match rest.split_once('/') {
+        Some((b, n)) => (
+            b,
+            n.parse::<u32>()
+                .ok()
+                .filter(|&n| n > 0 && n < 0xffff_ffff)
+                .ok_or_else(|| bad("NSID must be a number from 1".into()))?,
+        ),
+        None => (rest, 1),
+    };
+    leap_runtime::backend::vfio::check_bdf(bdf).map_err(bad)?;
+    Ok(VfioSpec {
+        bdf: bdf.to_string(),
+        nsid,
+        queues: 8,
+        depth: 256,
+        timeout: std::time::Duration::from_secs(30),
+    })
 }
 
 /// `nvme-tcp://HOST:PORT/NQN[/NSID]` and its options.
@@ -122,6 +162,7 @@ impl DiskSpec {
             DiskKind::Null => format!("null{}", size(self.size)),
             DiskKind::Ram => format!("ram{}", size(self.size)),
             DiskKind::NvmeTcp(t) => format!("nvme-tcp://{}/{}/{}", t.addr, t.nqn, t.nsid),
+            DiskKind::Vfio(v) => format!("vfio:{}/{}", v.bdf, v.nsid),
         };
         if self.read_only {
             out.push_str(", read-only");
@@ -213,6 +254,22 @@ pub(crate) fn limit(
     Ok(true)
 }
 
+/// A `queues=` or `depth=` value within `min..=max`.
+fn depth_or_queues(k: &str, v: &str, min: u16, max: u16) -> Result<u16, String> {
+    v.parse::<u16>()
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| {
+            if k == "depth" && v.parse::<u16>().is_ok_and(|n| n < min) {
+                format!(
+                    "depth={v}: at least {min} (a guest request may be split into {min} commands)"
+                )
+            } else {
+                format!("bad value `{v}` for {k}: {min}..={max}")
+            }
+        })
+}
+
 fn on_off(key: &str, v: &str) -> Result<bool, String> {
     match v {
         "on" | "true" | "yes" | "1" => Ok(true),
@@ -236,6 +293,7 @@ impl std::str::FromStr for DiskSpec {
             p if p.starts_with("nvme-tcp://") => {
                 DiskKind::NvmeTcp(parse_nvme_tcp(&p["nvme-tcp://".len()..])?)
             }
+            p if p.starts_with("vfio:") => DiskKind::Vfio(parse_vfio(&p["vfio:".len()..])?),
             p => DiskKind::File(PathBuf::from(p)),
         };
         let mut spec = DiskSpec {
@@ -253,22 +311,9 @@ impl std::str::FromStr for DiskSpec {
                 continue;
             }
             if let DiskKind::NvmeTcp(t) = &mut spec.kind {
-                let num = |v: &str, max: u32| {
-                    v.parse::<u32>()
-                        .ok()
-                        .filter(|&n| n >= 1 && n <= max)
-                        .ok_or_else(|| format!("bad value `{v}` for {k}: 1..={max}"))
-                };
                 match k {
-                    "queues" => t.queues = num(v, 64)? as u16,
-                    "depth" => {
-                        t.depth = num(v, 1024)? as u16;
-                        if t.depth < 8 {
-                            return Err(format!(
-                                "depth={v}: at least 8 (a guest request may be split into 8 commands)"
-                            ));
-                        }
-                    }
+                    "queues" => t.queues = depth_or_queues(k, v, 1, 64)?,
+                    "depth" => t.depth = depth_or_queues(k, v, 8, 1024)?,
                     "digest" => t.digest = on_off(k, v)?,
                     "hostnqn" => t.hostnqn = Some(v.to_string()),
                     "timeout" => t.timeout = parse_duration(v)?,
@@ -276,6 +321,20 @@ impl std::str::FromStr for DiskSpec {
                     _ => {
                         return Err(format!(
                             "unknown nvme-tcp disk option `{k}`; syntax: {DISK_SYNTAX}"
+                        ))
+                    }
+                }
+                continue;
+            }
+            if let DiskKind::Vfio(f) = &mut spec.kind {
+                match k {
+                    "queues" => f.queues = depth_or_queues(k, v, 1, 64)?,
+                    "depth" => f.depth = depth_or_queues(k, v, 8, 1024)?,
+                    "timeout" => f.timeout = parse_duration(v)?,
+                    "readonly" => spec.read_only = on_off(k, v)?,
+                    _ => {
+                        return Err(format!(
+                            "unknown vfio disk option `{k}`; syntax: {DISK_SYNTAX}"
                         ))
                     }
                 }
@@ -353,6 +412,36 @@ mod tests {
         );
         assert!("ram,iops=0".parse::<DiskSpec>().is_err());
         assert!("ram,bps=fast".parse::<DiskSpec>().is_err());
+    }
+
+    #[test]
+    fn parses_vfio_specs() {
+        let d: DiskSpec = "vfio:0000:01:00.0/2,queues=4,depth=128,timeout=5s"
+            .parse()
+            .unwrap();
+        let DiskKind::Vfio(v) = &d.kind else {
+            panic!("not vfio")
+        };
+        assert_eq!(
+            (v.bdf.as_str(), v.nsid, v.queues, v.depth),
+            ("0000:01:00.0", 2, 4, 128)
+        );
+        assert_eq!(v.timeout, std::time::Duration::from_secs(5));
+        let d: DiskSpec = "vfio:0000:00:04.0".parse().unwrap();
+        assert_eq!(d.describe(), "vfio:0000:00:04.0/1");
+        for bad in [
+            "vfio:01:00.0",
+            "vfio:0000:01:00.0/0",
+            "vfio:0000:01:00.0,size=1G",
+            "vfio:0000:01:00.0,depth=4",
+            "vfio:0000:01:00.0,queues=0",
+        ] {
+            let e = bad.parse::<DiskSpec>().unwrap_err();
+            assert!(
+                e.contains("vfio") || e.contains("depth") || e.contains("queues"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -92,6 +92,16 @@ pub fn open_backend(disk: &DiskSpec, block_size: u32) -> Result<Arc<dyn Backend>
                 .map_err(|e| e.to_string())?,
             )
         }
+        DiskKind::Vfio(v) => Arc::new(
+            leap_runtime::backend::VfioBackend::open(leap_runtime::backend::VfioOptions {
+                bdf: v.bdf.clone(),
+                nsid: v.nsid,
+                queues: v.queues,
+                depth: u32::from(v.depth),
+                io_timeout: v.timeout,
+            })
+            .map_err(|e| e.to_string())?,
+        ),
         DiskKind::File(path) => Arc::new(
             FileBackend::open(&FileOptions {
                 path: path.clone(),

@@ -635,7 +635,9 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         files: Vec<File>,
         _postcopy: Option<bool>,
     ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
-        let table = MemoryTable::build(regions, files).map_err(|e| self.refuse(e.to_string()))?;
+        let table = MemoryTable::build(regions, files)
+            .and_then(|t| t.map_for_dma(&**self.ctx.ns.backend()))
+            .map_err(|e| self.refuse(e.to_string()))?;
         // Only a table that passed every check replaces the current one. Queues pick it up at
         // their next round; the old mappings live until I/O that used them completes.
         self.shared.set_memory(table.clone());

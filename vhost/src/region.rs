@@ -256,6 +256,46 @@ impl MemoryTable {
         })
     }
 
+    /// Maps every region for `backend`'s DMA (a VFIO controller then reads and writes guest
+    /// pages itself, with no copy); the mappings live exactly as long as the returned table's
+    /// address space, which I/O in flight holds. Back ends that do no DMA leave the table as it
+    /// is. A mapping the IOMMU refuses refuses the whole table.
+    pub fn map_for_dma(
+        mut self,
+        backend: &dyn leap_runtime::backend::Backend,
+    ) -> Result<Self, MemError> {
+        /// Unmaps (guards, first field) before the memory goes (second).
+        struct Keep(
+            #[allow(dead_code)] Vec<leap_runtime::backend::DmaGuard>,
+            #[allow(dead_code)] Arc<GuestMemoryMmap>,
+        );
+        let mut guards = Vec::new();
+        for (index, r) in self.aspace.regions().iter().enumerate() {
+            let len = usize::try_from(r.len).map_err(|_| MemError::Region {
+                index,
+                why: "too large".into(),
+            })?;
+            // SAFETY: the region is mapped by `self.mem`, which the new address space keeps
+            // (after the guards, so the DMA mapping goes first); guest memory is only ever
+            // accessed through raw pointers and volatile copies.
+            match unsafe { backend.map_dma(r.host as *mut u8, len) } {
+                Ok(Some(g)) => guards.push(g),
+                Ok(None) => return Ok(self),
+                Err(e) => {
+                    return Err(MemError::Region {
+                        index,
+                        why: format!("DMA mapping for the disk's device: {e}"),
+                    })
+                }
+            }
+        }
+        let keep: Arc<dyn std::any::Any + Send + Sync> = Arc::new(Keep(guards, self.mem.clone()));
+        let aspace = AddressSpace::new(self.aspace.regions().to_vec(), Some(keep))
+            .map_err(|e| MemError::Table(e.to_string()))?;
+        self.aspace = Arc::new(aspace);
+        Ok(self)
+    }
+
     /// The guest address of front-end virtual address `va`, if `va .. va + len` lies inside one
     /// region (vring addresses are front-end virtual addresses; a ring must not straddle two).
     pub fn va_to_gpa(&self, va: u64, len: u64) -> Option<u64> {

@@ -99,10 +99,19 @@ impl Backend for BounceBackend {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(copied.clone());
+        let pool = crate::mem::Anon::new(bytes.max(1)).map_err(|e| BackendError::Io {
+            what: "cannot allocate bounce buffers for",
+            path: self.inner.kind().into(),
+            source: e,
+        })?;
+        // SAFETY: the pool outlives the guard (dropped before it, field order), and is only
+        // accessed through raw pointers.
+        let dma = unsafe { self.inner.map_dma(pool.ptr(), pool.len()) }?;
         Ok(Box::new(BounceQueue {
             copied,
             inner,
-            pool: vec![0u8; bytes].into_boxed_slice(),
+            dma,
+            pool,
             size,
             free: (0..slots).rev().collect(),
             by_slot: (0..slots).map(|_| None).collect(),
@@ -148,7 +157,10 @@ struct InFlight {
 struct BounceQueue {
     copied: Arc<Copied>,
     inner: Box<dyn BackendQueue>,
-    pool: Box<[u8]>,
+    /// The pool's DMA mapping for an inner back end with a device (VFIO); before `pool`.
+    #[allow(dead_code)]
+    dma: Option<super::DmaGuard>,
+    pool: crate::mem::Anon,
     size: usize,
     free: Vec<usize>,
     /// What each slot holds while its request is in flight.
@@ -164,7 +176,9 @@ unsafe impl Send for BounceQueue {}
 
 impl BounceQueue {
     fn slot_ptr(&mut self, slot: usize) -> *mut u8 {
-        self.pool[slot * self.size..].as_mut_ptr()
+        debug_assert!((slot + 1) * self.size <= self.pool.len());
+        // SAFETY: `slot` < number of slots, so the offset is inside the pool.
+        unsafe { self.pool.ptr().add(slot * self.size) }
     }
 
     /// Copies a finished read's data into the window and frees slot `slot`; returns the

@@ -10,14 +10,20 @@ use std::os::fd::RawFd;
 
 pub mod bounce;
 pub mod file;
+pub mod ident;
 pub mod null;
 pub mod ram;
 mod sync_io;
+pub mod vfio;
 
 pub use bounce::{BounceBackend, WindowBytes};
 pub use file::{FileBackend, FileOptions};
 pub use null::NullBackend;
 pub use ram::RamBackend;
+pub use vfio::{VfioBackend, VfioOptions};
+
+/// Keeps memory mapped for a device's DMA until dropped (see [`Backend::map_dma`]).
+pub type DmaGuard = Box<dyn std::any::Any + Send + Sync>;
 
 /// The most iovecs one request may carry.
 pub const MAX_IOVECS: usize = 256;
@@ -154,6 +160,22 @@ pub trait Backend: Send + Sync {
     /// are scraped; the names are stable metric labels.
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
+    }
+    /// Makes `len` bytes at `host` reachable by the back end's device (a VFIO controller's DMA),
+    /// so requests whose iovecs point into it go to the device with no copy, until the returned
+    /// guard drops. Front ends call it for guest memory when a memory table arrives (and drop
+    /// the guard when the table goes), targets for their buffer pools. Back ends that do no DMA
+    /// return `None`: they reach any memory of this process.
+    ///
+    /// # Safety
+    /// The memory must stay mapped while the guard lives, and the device may read and write it
+    /// at any time meanwhile: nothing may hold a Rust reference into it.
+    unsafe fn map_dma(
+        &self,
+        _host: *mut u8,
+        _len: usize,
+    ) -> Result<Option<DmaGuard>, BackendError> {
+        Ok(None)
     }
 }
 

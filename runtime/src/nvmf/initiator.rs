@@ -296,42 +296,16 @@ impl NvmeTcpBackend {
         s.set_cdw(10, cns::NAMESPACE as u32);
         a.ok("Identify Namespace", s, &[], Some(&mut idn))
             .map_err(err)?;
-        let nsze = u64::from_le_bytes(idn[0..8].try_into().unwrap_or_default());
-        if nsze == 0 {
-            return Err(BackendError::Invalid(format!(
-                "{name}: namespace {} is not active on the target",
-                sh.cfg.nsid
-            )));
-        }
-        let flbas = idn[26];
-        let fmt = ((flbas & 0xf) | ((flbas >> 5) & 3) << 4) as usize;
-        let lbads = idn.get(128 + fmt * 4 + 2).copied().unwrap_or(9);
-        if !(9..=12).contains(&lbads) {
-            return Err(BackendError::Invalid(format!(
-                "{name}: logical block size 2^{lbads} is not supported"
-            )));
-        }
-        let block_size = 1u32 << lbads;
-        // A target's NSZE is not trusted: the size must fit in 64 bits.
-        let size = nsze
-            .checked_mul(block_size as u64)
-            .ok_or_else(|| BackendError::Invalid(format!("{name}: namespace size overflows")))?;
-        let oncs = le16(&idc, 520);
-        let serial = String::from_utf8_lossy(&idc[4..24]).trim().to_string();
-        let info = DiskInfo {
-            size,
-            block_size,
-            read_only: idn[99] & 1 != 0,
-            discard: oncs & (1 << 2) != 0,
-            write_zeroes: oncs & (1 << 3) != 0,
-            volatile_cache: idc[525] & 1 != 0,
-            // MDTS, in units of the minimum memory page size (CAP.MPSMIN, 4 KiB here).
-            max_transfer: match idc[77] {
-                0 => 0,
-                m => 4096u32.checked_shl(m as u32).unwrap_or(0),
-            },
-            serial: format!("{serial}-{}", sh.cfg.nsid),
-        };
+        let c = crate::backend::ident::ControllerIdent::parse(&idc)?;
+        // MDTS, in units of the minimum memory page size (CAP.MPSMIN, 4 KiB here).
+        let info = crate::backend::ident::namespace_info(
+            &c,
+            &idn,
+            &name,
+            sh.cfg.nsid,
+            c.max_transfer(4096),
+        )?;
+        let (serial, block_size) = (c.serial.clone(), info.block_size);
         if let Ok(mut v) = sh.view.lock() {
             *v = view_of(&idc, a.cntlid, 1, granted);
         }

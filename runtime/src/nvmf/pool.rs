@@ -14,32 +14,10 @@ use std::sync::Arc;
 /// what the pool's address space maps).
 pub const POOL_BASE: u64 = 0x1_0000_0000;
 
-/// The mapping, unmapped when the last user (pool or a retired address space) lets go.
-struct Mapping {
-    base: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain memory owned by this value; access goes through raw pointers whose
-// users (the connection and the back ends it starts) are ordered by the poller thread that owns the
-// connection, as for guest memory.
-unsafe impl Send for Mapping {}
-// SAFETY: as for Send: shared only to keep the mapping alive.
-unsafe impl Sync for Mapping {}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `base`/`len` are exactly what mmap returned; nothing uses the memory any more
-        // (this is the last owner).
-        unsafe {
-            libc::munmap(self.base.cast(), self.len);
-        }
-    }
-}
-
 /// `n` buffers of `slot` bytes each.
 pub struct BufPool {
-    map: Arc<Mapping>,
+    /// Unmapped when the last user (pool or a retired address space) lets go.
+    map: Arc<crate::mem::Anon>,
     slot: usize,
     n: usize,
     aspace: Arc<AddressSpace>,
@@ -54,8 +32,8 @@ impl BufPool {
             return Err(bad());
         }
         let len = n.checked_mul(slot).ok_or_else(bad)?;
-        let base = crate::mem::map_anonymous(len)?;
-        let map = Arc::new(Mapping { base, len });
+        let map = Arc::new(crate::mem::Anon::new(len)?);
+        let base = map.ptr();
         let keep: Arc<dyn std::any::Any + Send + Sync> = map.clone();
         let aspace = AddressSpace::new(
             vec![Region {
@@ -98,7 +76,7 @@ impl BufPool {
     /// Where buffer `i` is in this process, or `None` for an index outside the pool.
     pub fn ptr(&self, i: usize) -> Option<*mut u8> {
         // SAFETY: i < n, so the offset stays inside the mapping.
-        (i < self.n).then(|| unsafe { self.map.base.add(i * self.slot) })
+        (i < self.n).then(|| unsafe { self.map.ptr().add(i * self.slot) })
     }
 
     /// The address space commands into this pool translate through.

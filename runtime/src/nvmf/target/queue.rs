@@ -137,6 +137,9 @@ pub(super) struct TcpQueue {
     assoc: Arc<Association>,
     epoch: u32,
     discovery: bool,
+    /// The pool's DMA mappings for the namespaces' back ends that need them (a VFIO
+    /// controller), one per back end seen; before `pool`, so they go before its memory.
+    dma: Vec<(usize, crate::backend::DmaGuard)>,
     pool: BufPool,
     empty: Arc<AddressSpace>,
     slots: Vec<Slot>,
@@ -199,7 +202,8 @@ impl TcpQueue {
         if let Ok(mut v) = sub.queues.lock() {
             v.push(Arc::downgrade(&stats));
         }
-        Ok(TcpQueue {
+        let mut q = TcpQueue {
+            dma: Vec::new(),
             limits: Limits {
                 max_icd,
                 max_plen: (slot as u32).saturating_add(512),
@@ -248,7 +252,32 @@ impl TcpQueue {
             pdus_rx: 0,
             sock,
             sub,
-        })
+        };
+        let nss = q.nss.clone();
+        q.map_pool(&nss)?;
+        Ok(q)
+    }
+
+    /// DMA-maps the buffer pool for every back end in `nss` that needs it (a VFIO controller
+    /// reads and writes the pool itself), once per back end.
+    fn map_pool(&mut self, nss: &Namespaces) -> std::io::Result<()> {
+        for (_, ns) in nss.iter() {
+            let b = ns.backend();
+            let key = Arc::as_ptr(b) as *const u8 as usize;
+            if self.dma.iter().any(|(k, _)| *k == key) {
+                continue;
+            }
+            let (base, len) = (self.pool.ptr(0), self.pool.len() * self.pool.slot_size());
+            let Some(base) = base else { continue };
+            // SAFETY: the pool's mapping outlives the guard (declared before `pool`, so dropped
+            // first), and pool memory is only accessed through raw pointers.
+            match unsafe { b.map_dma(base, len) } {
+                Ok(Some(g)) => self.dma.push((key, g)),
+                Ok(None) => {}
+                Err(e) => return Err(std::io::Error::other(e.to_string())),
+            }
+        }
+        Ok(())
     }
 
     /// Queues the Connect response: the first PDU the host gets on this queue.
@@ -960,6 +989,13 @@ impl Port for TcpQueue {
                     _ => {}
                 }
             }
+        }
+        if let Err(e) = self.map_pool(&new) {
+            crate::log_limited!(
+                log::Level::Error,
+                "NVMe/TCP queue {}: cannot map its buffers for a new namespace's device: {e}",
+                self.qid
+            );
         }
         self.nss = new.clone();
         Some(new)
