@@ -9,7 +9,10 @@
 #      512- and 4096-byte logical blocks, tests/guest/guest-crash.sh (leapd killed with SIGKILL
 #      and restarted under a guest workload: with inflight tracking the guest sees no error; with
 #      --no-inflight it must fail), and tests/guest/nvmf-interop.sh (Linux's NVMe/TCP
-#      initiator against leapd target; leapd's initiator against Linux nvmet and leapd target)
+#      initiator against leapd target; leapd's initiator against Linux nvmet and leapd target),
+#      and tests/guest/vfio-guest.sh (the VFIO NVMe driver on QEMU's emulated NVMe behind its
+#      emulated IOMMU, in a guest: the driver's tests with reset and hot-remove, leapd bench
+#      against the kernel's nvme driver, and tenant VM → leapd → NVMe/TCP → leapd target → VFIO)
 #      (a real QEMU guest; skipped loudly without QEMU/kernel/fio/busybox unless CI=true or
 #      LEAP_REQUIRE_GUEST=1)
 #   4. scripts/build-aarch64.sh --test    (when CI=true or LEAP_AARCH64=1: cross-builds for
@@ -96,6 +99,7 @@ if ! skipped guest LEAP_SKIP_GUEST; then
   step guest-crash env LEAPD="${LEAPD:-$root/target/release/leapd}" tests/guest/guest-crash.sh
   step guest-crash-no-inflight env LEAPD="${LEAPD:-$root/target/release/leapd}" tests/guest/guest-crash.sh --no-inflight
   step nvmf-interop env LEAPD="${LEAPD:-$root/target/release/leapd}" tests/guest/nvmf-interop.sh
+  step vfio-guest tests/guest/vfio-guest.sh
 fi
 
 if [ "$aarch64" = 1 ]; then

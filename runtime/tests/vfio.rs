@@ -349,3 +349,159 @@ fn reset_during_io_loses_no_acknowledged_write() {
         b.stats().resubmitted.load(Ordering::Relaxed)
     );
 }
+
+#[test]
+fn timed_out_commands_are_aborted_then_reset_and_resubmitted() {
+    let Some(dev) = device() else { return };
+    let mut o = VfioOptions::new(&dev);
+    o.queues = 2;
+    o.io_timeout = Duration::from_millis(300);
+    let b = VfioBackend::open(o).expect("open");
+    let bs = b.info().block_size as usize;
+    let buf = Buf::new(&b, 16 * bs);
+    let mut q = b.open_queue(16).unwrap();
+    // Commands the device never hears of: pushed to the SQ, but its tail doorbell is not rung
+    // (no flush), as with a lost doorbell write or a hung command. The watchdog must abort them
+    // after the timeout and, when that does not help, reset the controller, whose queue
+    // re-creation resubmits them.
+    for i in 0..4 {
+        buf.fill(i * bs, bs, 77 + i as u64);
+        let c = cmd(io::WRITE, 60_000 + i as u64, 1);
+        let iov = [buf.iov(i * bs, bs)];
+        let req = IoRequest {
+            tag: i as u64,
+            op: IoOp::Write { fua: false },
+            offset: 0,
+            len: bs as u64,
+            iov: &iov,
+            cmd: Some(&c),
+        };
+        // SAFETY: `buf` outlives the completions polled below.
+        assert_eq!(unsafe { q.submit(&req) }, Submitted::Queued);
+    }
+    let want = buf.get(0, 4 * bs);
+    let t0 = Instant::now();
+    let mut seen = [false; 4];
+    while seen.iter().any(|s| !s) {
+        q.poll(&mut |tag, s| {
+            assert!(s.is_success(), "write {tag}: {s}");
+            seen[tag as usize] = true;
+        });
+        assert!(t0.elapsed() < Duration::from_secs(20), "never recovered");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let s = b.stats();
+    let (timeouts, aborts, resets) = (
+        s.timeouts.load(Ordering::Relaxed),
+        s.aborts.load(Ordering::Relaxed),
+        s.resets.load(Ordering::Relaxed),
+    );
+    assert_eq!(
+        (timeouts, aborts),
+        (4, 4),
+        "each command timed out once and was aborted"
+    );
+    assert!(resets >= 1, "then the controller was reset");
+    assert!(s.resubmitted.load(Ordering::Relaxed) >= 4);
+    buf.fill(0, 4 * bs, 0);
+    assert!(run(&mut *q, &cmd(io::READ, 60_000, 4), &[buf.iov(0, 4 * bs)]).is_success());
+    assert_eq!(buf.get(0, 4 * bs), want, "the resubmitted writes landed");
+    println!(
+        "vfio: 4 stuck commands: aborted, reset, resubmitted and completed after {:?}",
+        t0.elapsed()
+    );
+}
+
+/// Hot-remove: the kernel takes the device back (`echo 1 > .../remove`, as on a surprise
+/// removal). It asks through VFIO's request channel and waits for the driver to let go; the
+/// driver must fail what was in flight and everything after with a status, and release the
+/// device so the removal completes. Destroys the device for the rest of the boot: it runs only
+/// with LEAP_VFIO_HOTREMOVE=1 (the guest job runs it last, on its own).
+#[test]
+fn hot_remove_fails_commands_cleanly() {
+    let Some(dev) = device() else { return };
+    if std::env::var("LEAP_VFIO_HOTREMOVE").as_deref() != Ok("1") {
+        eprintln!("LEAP_VFIO_HOTREMOVE is not 1: the hot-remove test runs on its own, last");
+        return;
+    }
+    let b = open(&dev);
+    let bs = b.info().block_size as usize;
+    let buf = Buf::new(&b, 64 * bs);
+    let mut q = b.open_queue(32).unwrap();
+    assert!(run(&mut *q, &cmd(io::WRITE, 0, 8), &[buf.iov(0, 8 * bs)]).is_success());
+    let path = format!("/sys/bus/pci/devices/{dev}/remove");
+    let remover = std::thread::spawn(move || {
+        let t = Instant::now();
+        std::fs::write(&path, "1").map(|_| t.elapsed())
+    });
+    // Keep I/O going until the device is gone: every command completes, with success before
+    // and a clean error status after.
+    let t0 = Instant::now();
+    let (mut ok, mut gone) = (0u64, 0u64);
+    while gone == 0 {
+        for i in 0..8 {
+            let c = cmd(io::READ, i * 8, 8);
+            let iov = [buf.iov(i as usize * 8 * bs, 8 * bs)];
+            let req = IoRequest {
+                tag: i,
+                op: IoOp::Read,
+                offset: 0,
+                len: 8 * bs as u64,
+                iov: &iov,
+                cmd: Some(&c),
+            };
+            if q.room() == 0 {
+                break;
+            }
+            // SAFETY: `buf` outlives every completion (polled below until none is in flight).
+            match unsafe { q.submit(&req) } {
+                Submitted::Queued => {}
+                Submitted::Done(s) => {
+                    assert_eq!(
+                        s,
+                        Status::ABORTED_SQ_DELETION.with_dnr(),
+                        "refused with a clean status"
+                    );
+                    gone += 1;
+                }
+            }
+        }
+        q.flush();
+        q.poll(&mut |_, s| {
+            if s.is_success() {
+                ok += 1;
+            } else {
+                assert_eq!(
+                    s,
+                    Status::ABORTED_SQ_DELETION.with_dnr(),
+                    "failed with a clean status"
+                );
+                gone += 1;
+            }
+        });
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the removal was not noticed"
+        );
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    while q.in_flight() > 0 {
+        q.poll(&mut |_, s| assert!(s.is_success() || s == Status::ABORTED_SQ_DELETION.with_dnr()));
+        assert!(
+            Instant::now() < until,
+            "commands left in flight after the removal"
+        );
+    }
+    let took = remover.join().unwrap().expect("writing remove");
+    assert!(
+        !std::path::Path::new(&format!("/sys/bus/pci/devices/{dev}")).exists(),
+        "the device is gone"
+    );
+    assert!(b.stats().failed.load(Ordering::Relaxed) > 0);
+    drop(q);
+    drop(buf);
+    drop(b);
+    println!(
+        "vfio: hot-remove after {ok} reads: released in {took:?}, {gone} commands failed cleanly"
+    );
+}

@@ -55,9 +55,13 @@ want_modules=(virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev vir
 # crypto the NVMe/TCP modules ask for at run time (request_module, which a busybox initramfs cannot
 # answer): loaded first when the kernel has them as modules
 optional_modules=(crc32c_generic crc32c_intel crc64_rocksoft_generic crct10dif_generic)
-# loaded by jobs that need them (Linux's NVMe/TCP target in the guest): listed in
-# /etc/leap-modules-ondemand, in dependency order
-ondemand_modules=(configfs nvmet nvmet_tcp)
+# loaded by jobs that need them (jobs/lib.sh load_ondemand): Linux's NVMe/TCP target, VFIO for a
+# userspace driver of the emulated NVMe controller (run-guest.sh --nvme), and the kernel's own PCI
+# NVMe driver for comparison. None loads at boot, so nothing binds that controller until a job
+# says which driver gets it. /etc/leap-modules-ondemand lists them in dependency order;
+# /etc/leap-modules-ondemand-deps has one line per name here: "NAME FILE.ko..." with the module's
+# files (its dependencies first, itself last; modules loaded at boot included) in load order.
+ondemand_modules=(configfs nvmet nvmet_tcp vfio_pci vfio_iommu_type1 nvme)
 
 # --- cache key ---------------------------------------------------------------------------------
 init_src=$here/init
@@ -173,8 +177,17 @@ for m in "${want_modules[@]}"; do
   add_module "$(modpath "$m")"
 done
 boot_count=${#order[@]}
+declare -A ondemand_files=()
 for m in "${ondemand_modules[@]}"; do
-  builtin "$m" || add_module "$(modpath "$m")"
+  if builtin "$m"; then ondemand_files[$m]=""; log "module $m is built in"; continue; fi
+  rel=$(modpath "$m")
+  add_module "$rel"
+  # modules.dep lists the whole closure, innermost last: loading it back to front is modprobe's order
+  read -r -a deps <<< "$(moddeps "$rel")"
+  files=()
+  for ((i = ${#deps[@]} - 1; i >= 0; i--)); do files+=("$(basename "${deps[$i]}")"); done
+  files+=("$(basename "$rel")")
+  ondemand_files[$m]="${files[*]}"
 done
 : > "$stage/etc/leap-modules"
 : > "$stage/etc/leap-modules-ondemand"
@@ -191,6 +204,16 @@ for rel in "${order[@]}"; do
     *)        cp "$moddir/$rel" "$stage/lib/modules/leap/$name" ;;
   esac
   echo "$name" >> "$list"
+done
+# the files as the image holds them: decompressed, .ko
+for m in "${ondemand_modules[@]}"; do
+  line=$m
+  for f in ${ondemand_files[$m]}; do line="$line ${f%.ko*}.ko"; done
+  echo "$line"
+done > "$stage/etc/leap-modules-ondemand-deps"
+# shellcheck disable=SC2013  # file names are words
+for f in $(cut -d' ' -f2- "$stage/etc/leap-modules-ondemand-deps"); do
+  [ -e "$stage/lib/modules/leap/$f" ] || die "on-demand module file $f is not in the image"
 done
 log "modules (load order): $(paste -sd' ' "$stage/etc/leap-modules"); on demand: $(paste -sd' ' "$stage/etc/leap-modules-ondemand")"
 

@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
 # Boots a QEMU (TCG) guest, optionally with a vhost-user-blk disk served on SOCK and a user-mode
-# network, runs a job (tests/guest/jobs/JOB.sh) inside it and checks the result.
+# network and/or an emulated NVMe controller behind an emulated IOMMU, runs a job
+# (tests/guest/jobs/JOB.sh) inside it and checks the result.
 #
-#   tests/guest/run-guest.sh [--socket SOCK] --job verify|bench|nvmf-host|nvmf-target [options]
+#   tests/guest/run-guest.sh [--socket SOCK] --job verify|bench|crash|nvmf-host|nvmf-target|vfio [options]
 #     --net                      add a virtio-net NIC on QEMU's user-mode network (the guest is
 #                                10.0.2.15 and reaches the host's 127.0.0.1 at 10.0.2.2)
 #     --hostfwd SPEC             with --net: forward a host port to the guest, e.g.
 #                                tcp:127.0.0.1:14420-:4420 (loopback only; repeatable)
 #     --env KEY=VALUE            pass a variable to the job (repeatable)
+#     --nvme IMG                 add an emulated NVMe controller (serial leapvfio, PCI 0000:00:04.0)
+#                                on the raw image IMG, behind an emulated Intel IOMMU
+#                                (-device intel-iommu,intremap=on; kernel argument intel_iommu=on),
+#                                for vfio-pci in the guest. No driver binds it at boot (the guest's
+#                                nvme and vfio modules load on demand: jobs/lib.sh bind_vfio and
+#                                bind_kernel_nvme). Env LEAP_GUEST_NVME_CACHE: the drive's cache
+#                                mode (default writeback; none needs O_DIRECT, so not on tmpfs)
+#     --nvme-args EXTRA          with --nvme: appended to the nvme device, e.g. max_ioqpairs=4
+#     --file SRC:DEST            copy the host file SRC into the guest at DEST (absolute, e.g.
+#                                /job/bin/leapd), mode kept (repeatable; static binaries only:
+#                                the guest has no libraries but fio's)
 #     --queues N                 num-queues of vhost-user-blk-pci (default 1)
 #     --reconnect                QEMU reconnects to SOCK when the back end goes away
 #                                (chardev reconnect-ms=1000), as for a back end that may restart
@@ -29,7 +41,8 @@
 #     --smp N                    guest CPUs (default 2)
 # Exit status: 0 only if the guest printed "LEAP-GUEST: PASS", no check failed and QEMU exited
 # cleanly; on failure the tail of the guest log (and QEMU's stderr) is printed.
-# bench: the guest's "GUEST-FIO ..." and "GUEST-STAT ..." lines are copied to stdout.
+# bench: the guest's "GUEST-FIO ..." and "GUEST-STAT ..." lines are copied to stdout; so are any
+# job's "GUEST-BENCH ..." lines (vfio).
 # Env: QEMU (default qemu-system-x86_64), LEAP_GUEST_ACCEL (default tcg), LEAP_GUEST_CPU (default max),
 #      LEAP_GUEST_BOOT_TIMEOUT (s, default 90: a guest that has not reached init by then is
 #      booted once more — TCG occasionally stalls in early boot), LEAP_GUEST_APPEND (extra kernel arguments; e.g. "loglevel=7" with LEAP_GUEST_QUIET=0 to see
@@ -43,7 +56,7 @@ usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
 
 sock="" job="" queues=1 expect_size="" expect_queues="" expect_discard=0
 expect_wc="write back" expect_bs="" force_wb=0 verify_mb=64 bench_rt=5 bench_jobs="" timeout_s="" log=""
-mem=768M mem_file="" smp=2 net=0 hostfwd="" envs=() reconnect=""
+mem=768M mem_file="" smp=2 net=0 hostfwd="" envs=() reconnect="" nvme_img="" nvme_args="" files=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --socket) sock=$2; shift 2 ;;
@@ -67,15 +80,31 @@ while [ $# -gt 0 ]; do
     --reconnect) reconnect=",reconnect-ms=1000"; shift ;;
     --hostfwd) hostfwd=${hostfwd:+$hostfwd,hostfwd=}$2; shift 2 ;;
     --env) envs+=("$2"); shift 2 ;;
+    --nvme) nvme_img=$2; shift 2 ;;
+    --nvme-args) nvme_args=$2; shift 2 ;;
+    --file) files+=("$2"); shift 2 ;;
     -h|--help) usage ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
 [ -z "$sock" ] || [ -S "$sock" ] || die "$sock is not a unix socket (is the back end running?)"
-[ -n "$job" ] && [ -f "$here/jobs/$job.sh" ] || die "--job must name a script in $here/jobs (verify, bench, nvmf-host, nvmf-target)"
+[ -n "$job" ] && [ -f "$here/jobs/$job.sh" ] || die "--job must name a script in $here/jobs (verify, bench, crash, nvmf-host, nvmf-target, vfio)"
 case "$job" in verify|bench|crash) [ -n "$sock" ] || die "--job $job needs --socket" ;; esac
 for f in ${hostfwd//,hostfwd=/ }; do
   case "$f" in tcp:127.0.0.1:*) ;; *) die "--hostfwd must forward from 127.0.0.1 (tcp:127.0.0.1:HOSTPORT-:GUESTPORT)" ;; esac
+done
+if [ -n "$nvme_img" ]; then
+  [ -f "$nvme_img" ] || [ -b "$nvme_img" ] || die "--nvme $nvme_img: no such image (create it, e.g. truncate -s 256M IMG)"
+  case "$nvme_img" in *,*) die "--nvme $nvme_img: the path must not contain a comma" ;; esac
+else
+  [ -z "$nvme_args" ] || die "--nvme-args needs --nvme"
+fi
+for f in ${files[@]+"${files[@]}"}; do
+  case "$f" in
+    *:/*) [ -f "${f%:*}" ] || die "--file $f: ${f%:*} is not a file" ;;
+    *) die "--file $f: must be SRC:DEST with an absolute DEST" ;;
+  esac
+  case "${f##*:}" in */../*|*/..|/init|/job/run.sh|/job/lib.sh|/job/env) die "--file $f: DEST ${f##*:} not allowed" ;; esac
 done
 [ -n "$expect_queues" ] || expect_queues=$queues
 [ -n "$timeout_s" ] || { [ "$job" = verify ] && timeout_s=240 || timeout_s=300; }
@@ -117,6 +146,11 @@ trap 'exit 130' INT TERM
 mkdir -p "$run/cpio/job"
 cp "$here/jobs/$job.sh" "$run/cpio/job/run.sh"
 cp "$here/jobs/lib.sh" "$run/cpio/job/lib.sh"
+for f in ${files[@]+"${files[@]}"}; do
+  dest=$run/cpio/${f##*:}
+  mkdir -p "$(dirname "$dest")"
+  cp -p "${f%:*}" "$dest"
+done
 q() { printf '%s=%q\n' "$1" "$2"; }
 {
   q EXPECT_SIZE_BYTES "$expect_size"
@@ -141,7 +175,18 @@ append="console=ttyS0 rdinit=/init panic=-1 edd=off"  # edd: no BIOS disk I/O at
 [ "${LEAP_GUEST_QUIET:-1}" = 0 ] || append="$append quiet"
 [ -z "${LEAP_GUEST_APPEND:-}" ] || append="$append $LEAP_GUEST_APPEND"
 read -r -a extra_qemu <<< "${LEAP_GUEST_QEMU_ARGS:-}"
+machine=q35,memory-backend=mem
 dev_args=()
+if [ -n "$nvme_img" ]; then
+  # The IOMMU must come before the PCI devices it translates. Interrupt remapping (intremap=on)
+  # is what lets VFIO_SET_IOMMU succeed in the guest (EPERM without it). Under TCG the irqchip is
+  # QEMU's own and needs nothing more; with KVM, intremap needs kernel-irqchip=split.
+  case "${LEAP_GUEST_ACCEL:-tcg}" in *kvm*) machine=$machine,kernel-irqchip=split ;; esac
+  dev_args+=(-device "intel-iommu,intremap=on"
+             -drive "file=$nvme_img,if=none,id=nvm,format=raw,cache=${LEAP_GUEST_NVME_CACHE:-writeback}"
+             -device "nvme,serial=leapvfio,drive=nvm,addr=04.0${nvme_args:+,$nvme_args}")
+  append="$append intel_iommu=on"
+fi
 if [ -n "$sock" ]; then
   dev_args+=(-chardev "socket,id=c0,path=$sock$reconnect" -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues")
 fi
@@ -160,7 +205,7 @@ start=$(date +%s.%N)
 launch() {
   timeout -k 10 "$timeout_s" "$qemu" \
     -accel "${LEAP_GUEST_ACCEL:-tcg}" -cpu "${LEAP_GUEST_CPU:-max}" \
-    -machine q35,memory-backend=mem \
+    -machine "$machine" \
     -object "$mem_backend" -m "$mem" -smp "$smp" \
     -nographic -monitor none -no-reboot \
     -kernel "$kernel" -initrd "$run/initrd.cpio.gz" \
@@ -230,6 +275,7 @@ fi
 if grep -q '^LEAP-CHECK: FAIL' "$log" && [ "$status" = ok ]; then status=fail reason="a check failed"; fi
 
 if [ "$job" = bench ]; then grep -E '^GUEST-(FIO|STAT) ' "$log" || true; fi
+grep -E '^GUEST-BENCH ' "$log" || true
 booted=$(sed -n 's/^LEAP-GUEST: BOOTED .*uptime=\([0-9.]*\).*/\1/p' "$log" | head -1)
 if [ "$status" = ok ]; then
   echo "run-guest: PASS job=$job queues=$queues wall=${elapsed}s boot_to_init=${booted:-?}s log=$log"

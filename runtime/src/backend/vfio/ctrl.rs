@@ -17,7 +17,7 @@ use leap_queues::ring::{CqConsumer, RawSlots, SqProducer};
 use leap_queues::{Cqe, Sqe, Status};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::dma::{reserved_regions, Dma, DmaBuf};
+use super::dma::{pci_windows, reserved_regions, Dma, DmaBuf};
 use super::pci::PciDevice;
 use super::queue::QueueHw;
 use super::regs::{csts, reg, Bar, DeviceCq, MmioDoorbell};
@@ -263,7 +263,9 @@ impl Ctrl {
         let name = format!("vfio:{bdf}");
         let bad = |e: String| BackendError::Invalid(format!("{name}: {e}"));
         let (pci, bar) = PciDevice::open(bdf, opts.queues as usize + 1)?;
-        let dma = Dma::new(pci.container.clone(), &reserved_regions(pci.group));
+        let mut reserved = reserved_regions(pci.group);
+        reserved.extend(pci_windows());
+        let dma = Dma::new(pci.container.clone(), &reserved);
         let cap = bar.read64(reg::CAP);
         if cap == u64::MAX {
             return Err(bad(
@@ -742,4 +744,4 @@ fn set_queues(bar: &Bar, admin: &mut Admin, want: u16) -> Result<u16, String> {
 }
 
 /// The status commands get when the controller has failed or gone.
-pub(super) const GONE: Status = Status::ABORTED_SQ_DELETION;
+pub(super) const GONE: Status = Status::ABORTED_SQ_DELETION.with_dnr();

@@ -3,8 +3,9 @@
 //! without copies (guest RAM, a target's buffer pool).
 //!
 //! IOVAs are not process addresses: they come from [`IovaSpace`], which starts above 4 GiB (clear
-//! of the x86 MSI window at 0xfee00000 and of whatever the IOMMU group reserves, read from sysfs)
-//! and stays below 2^39, the smallest address width an IOMMU of interest offers. Every mapping of
+//! of the x86 MSI window at 0xfee00000), skips whatever the IOMMU group reserves (sysfs) and all
+//! PCI memory (bridge windows and BARs, [`pci_windows`]), and stays below 2^39, the smallest
+//! address width an IOMMU of interest offers. Every mapping of
 //! outside memory is recorded in a table the I/O queues translate iovecs through; memory that is
 //! not in it is refused before a command is built, never sent.
 
@@ -104,6 +105,49 @@ pub fn reserved_regions(group: u32) -> Vec<(u64, u64)> {
             let a = u64::from_str_radix(w.next()?.trim_start_matches("0x"), 16).ok()?;
             let b = u64::from_str_radix(w.next()?.trim_start_matches("0x"), 16).ok()?;
             Some((a, b))
+        })
+        .collect()
+}
+
+/// Physical address ranges of PCI memory (host bridge windows from /proc/iomem, every device's
+/// BARs from sysfs), which IOVAs must avoid: a device's DMA to an address in a BAR may be routed
+/// to that BAR (peer to peer) instead of through the IOMMU, and QEMU's NVMe controller refuses
+/// DMA into its own BAR0 outright. Linux's DMA API reserves the same ranges.
+pub fn pci_windows() -> Vec<(u64, u64)> {
+    let mut out = parse_iomem(&std::fs::read_to_string("/proc/iomem").unwrap_or_default());
+    if let Ok(dir) = std::fs::read_dir("/sys/bus/pci/devices") {
+        for d in dir.flatten() {
+            let text = std::fs::read_to_string(d.path().join("resource")).unwrap_or_default();
+            out.extend(parse_resources(&text));
+        }
+    }
+    out
+}
+
+fn hex(s: &str) -> Option<u64> {
+    u64::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok()
+}
+
+/// "start-end : PCI Bus ..." lines of /proc/iomem (addresses show as zeros without root: then
+/// nothing is gained, and the BARs from sysfs still count).
+fn parse_iomem(text: &str) -> Vec<(u64, u64)> {
+    text.lines()
+        .filter(|l| l.contains("PCI Bus"))
+        .filter_map(|l| {
+            let (a, b) = l.split(':').next()?.trim().split_once('-')?;
+            let (a, b) = (hex(a)?, hex(b)?);
+            (b > a).then_some((a, b))
+        })
+        .collect()
+}
+
+/// "start end flags" lines of a PCI device's sysfs `resource` file.
+fn parse_resources(text: &str) -> Vec<(u64, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let (a, b) = (hex(w.next()?)?, hex(w.next()?)?);
+            (a != 0 && b > a).then_some((a, b))
         })
         .collect()
 }
@@ -403,6 +447,28 @@ mod tests {
         s.release(b, 4 << 20);
         assert_eq!(s.free.len(), 1, "freed ranges merge back: {:?}", s.free);
         assert_eq!(s.alloc(IOVA_END, 0x1000), None);
+    }
+
+    #[test]
+    fn pci_ranges_are_read_from_iomem_and_sysfs() {
+        let iomem = "00000000-00000fff : Reserved\nc0001000-eebfffff : PCI Bus 0000:00\n  \
+                     eec00000-eecfffff : PCI Bus 0000:00\n4000000000-7fffffffff : PCI Bus 0000:00\n";
+        assert_eq!(
+            parse_iomem(iomem),
+            [
+                (0xc000_1000, 0xeebf_ffff),
+                (0xeec0_0000, 0xeecf_ffff),
+                (0x40_0000_0000, 0x7f_ffff_ffff)
+            ]
+        );
+        let res = "0x0000000100000000 0x0000000100003fff 0x0000000000140204\n\
+                   0x0000000000000000 0x0000000000000000 0x0000000000000000\n";
+        assert_eq!(parse_resources(res), [(0x1_0000_0000, 0x1_0000_3fff)]);
+        let mut s = IovaSpace::new(&parse_resources(res));
+        assert!(
+            s.alloc(0x1000, 0x1000).unwrap() >= 0x1_0000_4000,
+            "a BAR at 4 GiB is avoided"
+        );
     }
 
     #[test]
