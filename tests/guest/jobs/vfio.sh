@@ -67,6 +67,17 @@ BDF=${NVME_BDF:-$(nvme_pci_bdf)} || die "no NVMe controller (PCI class 0x010802)
 note "NVMe controller $BDF: vendor $(cat /sys/bus/pci/devices/"$BDF"/vendor) device $(cat /sys/bus/pci/devices/"$BDF"/device) driver '$(pci_driver "$BDF")' (nothing may bind it at boot)"
 [ -z "$(pci_driver "$BDF")" ] || fail "$BDF was bound to '$(pci_driver "$BDF")' at boot"
 note "IOMMU: $(dmesg | grep -E 'DMAR: IOMMU enabled|DMAR-IR: Enabled|DMAR: Intel\(R\) Virtualization' | sed 's/^\[[^]]*\] //' | tr '\n' ';')"
+# A user's first mistake: the controller is not bound to vfio-pci. leapd must say so, and how.
+if [ -x "$LEAPD" ]; then
+  if "$LEAPD" bench --backend "vfio:$BDF" --seconds 1 > /tmp/unbound.out 2>&1; then
+    fail "leapd used $BDF although it is bound to no driver"
+  elif grep -q "bound to no driver; bind it with" /tmp/unbound.out; then
+    ok "unbound controller refused: $(grep -o 'vfio:[^;]*' /tmp/unbound.out | head -n 1)"
+  else
+    tail -n 3 /tmp/unbound.out
+    fail "leapd's error for an unbound controller does not say how to bind it"
+  fi
+fi
 t0=$(uptime_s)
 bind_vfio "$BDF" || exit 1
 ok "vfio bound $BDF group $VFIO_GROUP"
