@@ -257,8 +257,9 @@ impl MemoryTable {
     }
 
     /// Maps every region for `backend`'s DMA (a VFIO controller then reads and writes guest
-    /// pages itself, with no copy); the mappings live exactly as long as the returned table's
-    /// address space, which I/O in flight holds. Back ends that do no DMA leave the table as it
+    /// pages itself, with no copy); each region's device address becomes its IOVA, and the
+    /// mappings live exactly as long as the returned table's address space, which I/O in flight
+    /// holds. Back ends that do no DMA leave the table as it
     /// is. A mapping the IOMMU refuses refuses the whole table.
     pub fn map_for_dma(
         mut self,
@@ -270,7 +271,8 @@ impl MemoryTable {
             #[allow(dead_code)] Arc<GuestMemoryMmap>,
         );
         let mut guards = Vec::new();
-        for (index, r) in self.aspace.regions().iter().enumerate() {
+        let mut table = self.aspace.regions().to_vec();
+        for (index, r) in table.iter_mut().enumerate() {
             let len = usize::try_from(r.len).map_err(|_| MemError::Region {
                 index,
                 why: "too large".into(),
@@ -279,7 +281,11 @@ impl MemoryTable {
             // (after the guards, so the DMA mapping goes first); guest memory is only ever
             // accessed through raw pointers and volatile copies.
             match unsafe { backend.map_dma(r.host as *mut u8, len) } {
-                Ok(Some(g)) => guards.push(g),
+                Ok(Some(g)) => {
+                    // The address space now gives the device address of each guest page.
+                    r.device = g.iova();
+                    guards.push(g);
+                }
                 Ok(None) => return Ok(self),
                 Err(e) => {
                     return Err(MemError::Region {
@@ -290,8 +296,8 @@ impl MemoryTable {
             }
         }
         let keep: Arc<dyn std::any::Any + Send + Sync> = Arc::new(Keep(guards, self.mem.clone()));
-        let aspace = AddressSpace::new(self.aspace.regions().to_vec(), Some(keep))
-            .map_err(|e| MemError::Table(e.to_string()))?;
+        let aspace =
+            AddressSpace::new(table, Some(keep)).map_err(|e| MemError::Table(e.to_string()))?;
         self.aspace = Arc::new(aspace);
         Ok(self)
     }
@@ -340,6 +346,88 @@ mod tests {
         assert_eq!(t.va_to_gpa(0x7000_0000 + 4 * p - 8, 16), None);
         assert_eq!(t.va_to_gpa(0x1000, 1), None);
         assert_eq!(t.va_to_gpa(u64::MAX, 2), None);
+    }
+
+    /// A back end with a device: records what it was asked to map, keeps a count of live
+    /// mappings, and hands out IOVAs from 0x10_0000_0000.
+    struct Dmaing(
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        leap_runtime::backend::DiskInfo,
+    );
+    impl leap_runtime::backend::Backend for Dmaing {
+        fn info(&self) -> &leap_runtime::backend::DiskInfo {
+            &self.1
+        }
+        fn open_queue(
+            &self,
+            _depth: usize,
+        ) -> Result<Box<dyn leap_runtime::backend::BackendQueue>, leap_runtime::backend::BackendError>
+        {
+            Err(leap_runtime::backend::BackendError::Invalid(
+                "no queues".into(),
+            ))
+        }
+        fn kind(&self) -> &'static str {
+            "dma"
+        }
+        unsafe fn map_dma(
+            &self,
+            _host: *mut u8,
+            _len: usize,
+        ) -> Result<Option<leap_runtime::backend::DmaGuard>, leap_runtime::backend::BackendError>
+        {
+            use std::sync::atomic::Ordering::SeqCst;
+            struct Live(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+            impl Drop for Live {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, SeqCst);
+                }
+            }
+            let n = self.0.fetch_add(1, SeqCst) as u64;
+            Ok(Some(leap_runtime::backend::DmaGuard::new(
+                0x10_0000_0000 + (n << 32),
+                Box::new(Live(self.0.clone())),
+            )))
+        }
+    }
+
+    #[test]
+    fn dma_mappings_give_device_addresses_and_live_with_the_address_space() {
+        use leap_runtime::backend::Backend;
+        use std::sync::atomic::Ordering::SeqCst;
+        let p = page_size();
+        let live = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let b = Dmaing(
+            live.clone(),
+            leap_runtime::backend::NullBackend::new(1 << 20, 512)
+                .info()
+                .clone(),
+        );
+        let t = MemoryTable::build(
+            &[
+                region(0, 4 * p, 0x7000_0000, 0),
+                region(1 << 32, 2 * p, 0x9000_0000, 0),
+            ],
+            vec![memfd(4 * p), memfd(2 * p)],
+        )
+        .unwrap()
+        .map_for_dma(&b)
+        .unwrap();
+        assert_eq!(live.load(SeqCst), 2, "one mapping per region");
+        let mut dev = Vec::new();
+        t.aspace
+            .translate(8, 16, 4, |pc| dev.push(pc.device))
+            .unwrap();
+        t.aspace
+            .translate((1 << 32) + p as u64, 8, 4, |pc| dev.push(pc.device))
+            .unwrap();
+        assert_eq!(dev, [0x10_0000_0008, 0x11_0000_0000 + p as u64]);
+        // I/O in flight holds the address space: the mappings stay until it goes.
+        let held = t.aspace.clone();
+        drop(t);
+        assert_eq!(live.load(SeqCst), 2);
+        drop(held);
+        assert_eq!(live.load(SeqCst), 0, "unmapped with the last user");
     }
 
     #[test]

@@ -22,8 +22,29 @@ pub use null::NullBackend;
 pub use ram::RamBackend;
 pub use vfio::{VfioBackend, VfioOptions};
 
-/// Keeps memory mapped for a device's DMA until dropped (see [`Backend::map_dma`]).
-pub type DmaGuard = Box<dyn std::any::Any + Send + Sync>;
+/// Memory mapped for a device's DMA (see [`Backend::map_dma`]): its device address, and what
+/// keeps the mapping until this is dropped.
+pub struct DmaGuard {
+    iova: u64,
+    _keep: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl DmaGuard {
+    /// A mapping whose first byte the device reaches at `iova`, kept while `keep` lives.
+    pub fn new(iova: u64, keep: Box<dyn std::any::Any + Send + Sync>) -> Self {
+        DmaGuard { iova, _keep: keep }
+    }
+    /// The device address (IOVA) of the mapped range's first byte.
+    pub fn iova(&self) -> u64 {
+        self.iova
+    }
+}
+
+impl std::fmt::Debug for DmaGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DmaGuard(iova {:#x})", self.iova)
+    }
+}
 
 /// The most iovecs one request may carry.
 pub const MAX_IOVECS: usize = 256;

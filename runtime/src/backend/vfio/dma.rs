@@ -374,6 +374,13 @@ impl std::fmt::Debug for DmaMapping {
     }
 }
 
+impl DmaMapping {
+    /// The device address of process address `host` inside the mapping.
+    pub fn iova_of(&self, host: usize) -> u64 {
+        self.m.iova + (host - self.m.host) as u64
+    }
+}
+
 impl Drop for DmaMapping {
     fn drop(&mut self) {
         let m = self.m;

@@ -191,7 +191,7 @@ impl Backend for VfioBackend {
             path: format!("vfio:{}", self.opts.bdf),
             source: e,
         })?;
-        Ok(Some(Box::new(m)))
+        Ok(Some(DmaGuard::new(m.iova_of(host as usize), Box::new(m))))
     }
 }
 
