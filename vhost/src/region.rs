@@ -419,9 +419,9 @@ mod tests {
             .translate(8, 16, 4, |pc| dev.push(pc.device))
             .unwrap();
         t.aspace
-            .translate((1 << 32) + p as u64, 8, 4, |pc| dev.push(pc.device))
+            .translate((1 << 32) + p, 8, 4, |pc| dev.push(pc.device))
             .unwrap();
-        assert_eq!(dev, [0x10_0000_0008, 0x11_0000_0000 + p as u64]);
+        assert_eq!(dev, [0x10_0000_0008, 0x11_0000_0000 + p]);
         // I/O in flight holds the address space: the mappings stay until it goes.
         let held = t.aspace.clone();
         drop(t);
