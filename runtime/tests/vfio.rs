@@ -106,7 +106,8 @@ fn cmd(op: u8, slba: u64, blocks: u32) -> Sqe {
     s
 }
 
-fn run(q: &mut dyn BackendQueue, sqe: &Sqe, iov: &[libc::iovec]) -> Status {
+/// The request for `sqe` with data `iov`, under `tag`.
+fn request<'a>(sqe: &'a Sqe, iov: &'a [libc::iovec], tag: u64) -> IoRequest<'a> {
     let op = match sqe.opcode() {
         io::READ => IoOp::Read,
         io::WRITE => IoOp::Write { fua: false },
@@ -114,16 +115,25 @@ fn run(q: &mut dyn BackendQueue, sqe: &Sqe, iov: &[libc::iovec]) -> Status {
         io::DATASET_MANAGEMENT => IoOp::Discard,
         _ => IoOp::WriteZeroes { unmap: false },
     };
-    let req = IoRequest {
-        tag: 1,
+    IoRequest {
+        tag,
         op,
         offset: 0,
         len: iov.iter().map(|v| v.iov_len as u64).sum(),
         iov,
         cmd: Some(sqe),
-    };
+    }
+}
+
+/// Starts `sqe` without waiting.
+fn start(q: &mut dyn BackendQueue, sqe: &Sqe, iov: &[libc::iovec], tag: u64) -> Submitted {
+    // SAFETY: every caller's iovecs point into a Buf that outlives the completions it polls.
+    unsafe { q.submit(&request(sqe, iov, tag)) }
+}
+
+fn run(q: &mut dyn BackendQueue, sqe: &Sqe, iov: &[libc::iovec]) -> Status {
     // SAFETY: the iovecs point into Bufs that outlive the call, which waits for completion.
-    unsafe { run_one(q, &req) }
+    unsafe { run_one(q, &request(sqe, iov, 1)) }
 }
 
 #[test]
@@ -250,17 +260,8 @@ fn verified_io_through_the_device() {
     for i in 0..n {
         let c = cmd(io::WRITE, 20_000 + i as u64, 1);
         let iov = [buf.iov(i * bs, bs)];
-        let req = IoRequest {
-            tag: i as u64,
-            op: IoOp::Write { fua: false },
-            offset: 0,
-            len: bs as u64,
-            iov: &iov,
-            cmd: Some(&c),
-        };
         assert!(q.room() > 0);
-        // SAFETY: `buf` outlives the completions polled below.
-        assert_eq!(unsafe { q.submit(&req) }, Submitted::Queued);
+        assert_eq!(start(q, &c, &iov, i as u64), Submitted::Queued);
     }
     q.flush();
     let mut seen = vec![false; n];
@@ -368,16 +369,7 @@ fn timed_out_commands_are_aborted_then_reset_and_resubmitted() {
         buf.fill(i * bs, bs, 77 + i as u64);
         let c = cmd(io::WRITE, 60_000 + i as u64, 1);
         let iov = [buf.iov(i * bs, bs)];
-        let req = IoRequest {
-            tag: i as u64,
-            op: IoOp::Write { fua: false },
-            offset: 0,
-            len: bs as u64,
-            iov: &iov,
-            cmd: Some(&c),
-        };
-        // SAFETY: `buf` outlives the completions polled below.
-        assert_eq!(unsafe { q.submit(&req) }, Submitted::Queued);
+        assert_eq!(start(&mut *q, &c, &iov, i as u64), Submitted::Queued);
     }
     let want = buf.get(0, 4 * bs);
     let t0 = Instant::now();
@@ -442,19 +434,10 @@ fn hot_remove_fails_commands_cleanly() {
         for i in 0..8 {
             let c = cmd(io::READ, i * 8, 8);
             let iov = [buf.iov(i as usize * 8 * bs, 8 * bs)];
-            let req = IoRequest {
-                tag: i,
-                op: IoOp::Read,
-                offset: 0,
-                len: 8 * bs as u64,
-                iov: &iov,
-                cmd: Some(&c),
-            };
             if q.room() == 0 {
                 break;
             }
-            // SAFETY: `buf` outlives every completion (polled below until none is in flight).
-            match unsafe { q.submit(&req) } {
+            match start(&mut *q, &c, &iov, i) {
                 Submitted::Queued => {}
                 Submitted::Done(s) => {
                     assert_eq!(
