@@ -216,8 +216,6 @@ pub struct VfioStats {
 pub struct CtrlOptions {
     /// I/O queues to ask for.
     pub queues: u16,
-    /// Entries per I/O queue (capped by CAP.MQES).
-    pub depth: u32,
     /// Command timeout before Abort (and twice that before a reset).
     pub io_timeout: Duration,
 }
@@ -247,6 +245,11 @@ pub struct Ctrl {
     pub(super) vectors: Vec<EventFd>,
     pub(super) stats: VfioStats,
     pub(super) stop: AtomicBool,
+    /// Watchdog passes so far: the coarse clock command timeouts are measured with.
+    ticks: AtomicU64,
+    /// Queues the controller would not delete: their memory stays mapped until the controller
+    /// is disabled (it might still DMA into it).
+    leaked: Mutex<Vec<Arc<Mutex<QueueHw>>>>,
     /// Identify Controller, as read at open.
     pub(super) ident: ControllerIdent,
 }
@@ -306,10 +309,21 @@ impl Ctrl {
         };
         let ready_timeout = Duration::from_millis(500 * to)
             .clamp(Duration::from_millis(500), Duration::from_secs(60));
-        enable(&bar, &mut admin, mps, dstrd, ready_timeout).map_err(bad)?;
-        let idc = identify(&bar, &mut admin, cns::CONTROLLER, 0).map_err(bad)?;
-        let ident = ControllerIdent::parse(&idc)?;
-        let mut granted = set_queues(&bar, &mut admin, opts.queues).map_err(bad)?;
+        let up = enable(&bar, &mut admin, mps, dstrd, ready_timeout)
+            .and_then(|()| identify(&bar, &mut admin, cns::CONTROLLER, 0))
+            .and_then(|idc| {
+                let ident = ControllerIdent::parse(&idc).map_err(|e| e.to_string())?;
+                Ok((ident, set_queues(&bar, &mut admin, opts.queues)?))
+            });
+        let (ident, mut granted) = match up {
+            Ok(x) => x,
+            Err(e) => {
+                // Nothing of this controller's may DMA into the admin memory about to go.
+                bar.write32(reg::CC, bar.read32(reg::CC) & !1);
+                pci.stop_dma();
+                return Err(bad(e));
+            }
+        };
         if vectors.len() > 1 {
             granted = granted.min(vectors.len() as u16 - 1);
         }
@@ -344,6 +358,8 @@ impl Ctrl {
             vectors,
             stats: VfioStats::default(),
             stop: AtomicBool::new(false),
+            ticks: AtomicU64::new(0),
+            leaked: Mutex::new(Vec::new()),
             ident,
         }))
     }
@@ -418,40 +434,45 @@ impl Ctrl {
                     self.granted
                 )
             })?;
-        let r = Rings::new(&self.dma, &self.bar, qid, size, self.dstrd).and_then(|rings| {
-            if self.state.load(Ordering::Acquire) == FAILED {
-                return Err("the controller has failed".into());
-            }
-            self.create_queue(&mut self.admin(), &rings, qid)?;
-            Ok(rings)
-        });
-        match r {
-            Ok(rings) => Ok((qid, rings)),
-            Err(e) => {
-                self.put_qid(qid);
-                Err(e)
-            }
-        }
+        Rings::new(&self.dma, &self.bar, qid, size, self.dstrd)
+            .map(|rings| (qid, rings))
+            .inspect_err(|_| self.put_qid(qid))
     }
 
-    fn put_qid(&self, qid: u16) {
+    /// Creates queue `hw` on the controller and registers it with the watchdog and reset, in
+    /// one step under the admin lock (a reset or failure in between would miss it).
+    pub(super) fn attach(&self, hw: &Arc<Mutex<QueueHw>>) -> Result<(), String> {
+        let mut a = self.admin();
+        if self.state.load(Ordering::Acquire) == FAILED {
+            return Err("the controller has failed".into());
+        }
+        {
+            let h = lock(hw);
+            self.create_queue(&mut a, &h.rings, h.qid)?;
+        }
+        if let Ok(mut v) = self.queues.lock() {
+            v.retain(|w| w.strong_count() > 0);
+            v.push(Arc::downgrade(hw));
+        }
+        Ok(())
+    }
+
+    /// The watchdog's coarse clock (one relaxed load).
+    pub(super) fn tick(&self) -> u64 {
+        self.ticks.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn put_qid(&self, qid: u16) {
         if let Ok(mut f) = self.free_qids.lock() {
             f.push(qid);
         }
     }
 
-    /// Registers a queue with the watchdog and reset.
-    pub(super) fn register(&self, q: &Arc<Mutex<QueueHw>>) {
-        if let Ok(mut v) = self.queues.lock() {
-            v.retain(|w| w.strong_count() > 0);
-            v.push(Arc::downgrade(q));
-        }
-    }
-
     /// Deletes I/O queue `qid` (SQ, then CQ) and frees its number. The queue's memory must stay
     /// until this returns.
-    pub(super) fn delete_queue(&self, qid: u16) {
+    pub(super) fn delete_queue(&self, qid: u16, hw: &Arc<Mutex<QueueHw>>) {
         let mut a = self.admin();
+        let mut deleted = true;
         if self.state.load(Ordering::Acquire) != FAILED {
             let mut s = Sqe::new(admin::DELETE_IO_SQ, 0);
             s.set_cdw(10, u32::from(qid));
@@ -462,12 +483,18 @@ impl Ctrl {
                 ("Delete I/O Completion Queue", c),
             ] {
                 if let Err(e) = a.ok(&self.bar, what, cmd) {
-                    log::warn!("{}: queue {qid}: {e}", self.name);
+                    log::warn!("{}: queue {qid}: {e}; its memory stays mapped", self.name);
+                    deleted = false;
                 }
             }
         }
         drop(a);
-        self.put_qid(qid);
+        if deleted {
+            self.put_qid(qid);
+        } else if let Ok(mut l) = self.leaked.lock() {
+            // Neither the number nor the memory is reused while the controller may own them.
+            l.push(hw.clone());
+        }
     }
 
     fn live_queues(&self) -> Vec<Arc<Mutex<QueueHw>>> {
@@ -508,6 +535,7 @@ impl Ctrl {
                     self.granted
                 ));
             }
+            let now = self.tick();
             for q in &queues {
                 let mut hw = lock(q);
                 if hw.failed {
@@ -515,9 +543,11 @@ impl Ctrl {
                     continue;
                 }
                 let qid = hw.qid;
+                // What completed before the reset is reported, not run again.
+                hw.reap();
                 hw.rings.restart(&self.bar, qid, self.dstrd)?;
                 self.create_queue(&mut admin, &hw.rings, qid)?;
-                let n = hw.resubmit();
+                let n = hw.resubmit(now);
                 self.stats
                     .resubmitted
                     .fetch_add(n as u64, Ordering::Relaxed);
@@ -561,8 +591,17 @@ impl Ctrl {
             "{}: controller failed: {why}; its commands fail from now on",
             self.name
         );
+        // The device stops mastering the bus first: commands are about to be completed and
+        // their buffers reused, and a live but wedged controller must not touch them.
+        if let Ok(p) = self.pci.lock() {
+            if let Some(p) = p.as_ref() {
+                p.stop_dma();
+            }
+        }
         for q in self.live_queues() {
-            lock(&q).failed = true;
+            let mut hw = lock(&q);
+            hw.failed = true;
+            hw.frozen = false;
         }
         // No queue touches MMIO once failed (checked under its lock), and the admin queue is
         // held: the BAR can go, and with it the device.
@@ -578,6 +617,7 @@ impl Ctrl {
 
     /// One watchdog pass: hot-remove, fatal status, timed-out commands.
     fn watch_once(&self) {
+        let now = self.ticks.fetch_add(1, Ordering::Relaxed) + 1;
         if self.state.load(Ordering::Acquire) == FAILED {
             return;
         }
@@ -590,7 +630,15 @@ impl Ctrl {
             self.fail("the kernel asked for the device back (hot-remove or unbind)");
             return;
         }
-        let s = self.bar.read32(reg::CSTS);
+        // Under the admin lock: a failure elsewhere (a reset that failed) unmaps the BAR while
+        // holding it.
+        let s = {
+            let _a = self.admin();
+            if self.state.load(Ordering::Acquire) == FAILED {
+                return;
+            }
+            self.bar.read32(reg::CSTS)
+        };
         if s == u32::MAX {
             self.fail("the controller does not respond (removed?)");
             return;
@@ -599,33 +647,46 @@ impl Ctrl {
             let _ = self.reset("controller fatal status (CSTS.CFS)");
             return;
         }
+        let timeout = self.timeout_ticks();
         let mut abort = Vec::new();
         let mut stuck = false;
-        for q in self.live_queues() {
-            let mut hw = lock(&q);
-            let qid = hw.qid;
-            for (cid, st) in hw.expired(self.io_timeout) {
+        let queues = self.live_queues();
+        for q in &queues {
+            let mut hw = lock(q);
+            for (cid, seq, st) in hw.expired(now, timeout) {
                 match st {
                     Expired::First => {
                         self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                        abort.push((qid, cid));
+                        abort.push((q.clone(), cid, seq));
                     }
                     Expired::AfterAbort => stuck = true,
                 }
             }
         }
-        for (qid, cid) in abort {
+        // At most a few Aborts per pass (the controller's limit is ACL + 1, at least 1); the
+        // others are aborted on later passes, or swept up by a reset.
+        for (q, cid, seq) in abort.into_iter().take(4) {
+            let mut a = self.admin();
+            // The command may have completed since, and its slot been reused: abort only the
+            // submission that timed out.
+            let qid = {
+                let hw = lock(&q);
+                if !hw.holds(cid, seq) {
+                    continue;
+                }
+                hw.qid
+            };
             log::warn!(
                 "{}: command {cid} on queue {qid} timed out after {:?}; aborting it",
                 self.name,
                 self.io_timeout
             );
-            let mut a = Sqe::new(admin::ABORT, 0);
-            a.set_cdw(10, (u32::from(cid) << 16) | u32::from(qid));
+            let mut c = Sqe::new(admin::ABORT, 0);
+            c.set_cdw(10, (u32::from(cid) << 16) | u32::from(qid));
             self.stats.aborts.fetch_add(1, Ordering::Relaxed);
-            let r = self.admin().run(&self.bar, a, ADMIN_TIMEOUT);
-            if let Err(e) = r {
+            if let Err(e) = a.run(&self.bar, c, ADMIN_TIMEOUT) {
                 log::warn!("{}: Abort: {e}", self.name);
+                stuck = true;
             }
         }
         if stuck {
@@ -633,10 +694,18 @@ impl Ctrl {
         }
     }
 
+    /// The command timeout in watchdog ticks (at least one).
+    fn timeout_ticks(&self) -> u64 {
+        (self.io_timeout.as_millis() / WATCH_EVERY.as_millis()).max(1) as u64
+    }
+
     /// Runs the watchdog until `stop`.
     pub(super) fn watch(self: Arc<Self>) {
-        while !self.stop.load(Ordering::Acquire) {
+        loop {
             std::thread::sleep(WATCH_EVERY);
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
             self.watch_once();
         }
     }
@@ -657,6 +726,36 @@ impl Ctrl {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+}
+
+impl Drop for Ctrl {
+    /// The last user is gone (the back end after its shutdown, or a half-finished open): the
+    /// controller is disabled and stops mastering the bus before the device and its DMA
+    /// mappings go, so nothing it still holds can be written to memory that is reused.
+    fn drop(&mut self) {
+        if self.state.load(Ordering::Acquire) != FAILED {
+            let cc = self.bar.read32(reg::CC);
+            if cc & 1 != 0 {
+                self.bar.write32(reg::CC, cc & !1);
+                let _ = wait_ready(
+                    &self.bar,
+                    false,
+                    self.ready_timeout.min(Duration::from_secs(5)),
+                );
+            }
+        }
+        if let Ok(mut p) = self.pci.lock() {
+            if let Some(p) = p.as_ref() {
+                p.stop_dma();
+            }
+            // SAFETY: this is the last user of the controller: no queue or watchdog touches the
+            // BAR any more.
+            unsafe { self.bar.revoke() };
+            p.take();
+        }
+        // The group has left the container with the device: later unmaps would only fail.
+        self.dma.kill();
     }
 }
 

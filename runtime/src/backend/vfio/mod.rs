@@ -34,6 +34,11 @@ pub use ctrl::{CtrlOptions, VfioStats};
 pub use pci::check_bdf;
 pub use queue::VfioQueue;
 
+/// Bytes of PRP list (or SGL, or Dataset Management ranges) each queue slot has: 512 PRP
+/// entries, 256 SGL descriptors or 256 ranges. 4 KiB aligned, so a list never crosses a memory
+/// page of the controller's, whatever the host's page size.
+pub(crate) const LIST_BYTES: usize = 4096;
+
 /// How to open a VFIO disk.
 #[derive(Clone, Debug)]
 pub struct VfioOptions {
@@ -87,7 +92,6 @@ impl VfioBackend {
             &opts.bdf,
             &CtrlOptions {
                 queues: opts.queues.max(1),
-                depth: opts.depth,
                 io_timeout: opts.io_timeout,
             },
         )?;
@@ -100,10 +104,10 @@ impl VfioBackend {
         let idn = c
             .identify_namespace(opts.nsid)
             .map_err(|e| BackendError::Invalid(format!("{name}: {e}")))?;
-        // MDTS is in units of the minimum page size; one PRP list page bounds a command too.
+        // MDTS is in units of the minimum page size; one slot's PRP list bounds a command too.
         let page = c.page;
         let mpsmin = c.page_min;
-        let by_list = page.saturating_mul(page / 8);
+        let by_list = page.saturating_mul((LIST_BYTES / 8) as u32);
         let max = match c.ident.max_transfer(mpsmin) {
             0 => by_list,
             m => m.min(by_list),

@@ -165,11 +165,6 @@ impl PciDevice {
                 ),
             ));
         }
-        let mut cmd = [0u8; 2];
-        device.region_read(CONFIG, &mut cmd, PCI_COMMAND);
-        let c = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
-        device.region_write(CONFIG, &c.to_le_bytes(), PCI_COMMAND);
-
         if device.get_region_flags(BAR0) & REGION_MMAP == 0 {
             return Err(invalid(bdf, "BAR0 cannot be mapped"));
         }
@@ -233,6 +228,11 @@ impl PciDevice {
             }
             _ => None,
         };
+        // Memory decoding and bus mastering last: an error above leaves the device as it was.
+        let mut cmd = [0u8; 2];
+        device.region_read(CONFIG, &mut cmd, PCI_COMMAND);
+        let c = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+        device.region_write(CONFIG, &c.to_le_bytes(), PCI_COMMAND);
         Ok((
             PciDevice {
                 bdf: bdf.to_string(),
@@ -244,6 +244,16 @@ impl PciDevice {
             },
             bar,
         ))
+    }
+
+    /// Turns bus mastering off: the device can no longer read or write memory (config space
+    /// only: works when the BAR is gone or the controller wedged).
+    pub fn stop_dma(&self) {
+        let mut cmd = [0u8; 2];
+        self.device.region_read(CONFIG, &mut cmd, PCI_COMMAND);
+        let c = u16::from_le_bytes(cmd) & !PCI_COMMAND_MASTER;
+        self.device
+            .region_write(CONFIG, &c.to_le_bytes(), PCI_COMMAND);
     }
 
     /// Whether the kernel asked for the device back (hot-remove).
@@ -264,11 +274,7 @@ impl Drop for PciDevice {
             let _ = self.device.disable_irq(REQ_IRQ);
         }
         // Bus mastering off before the device goes back: nothing it still has can DMA.
-        let mut cmd = [0u8; 2];
-        self.device.region_read(CONFIG, &mut cmd, PCI_COMMAND);
-        let c = u16::from_le_bytes(cmd) & !PCI_COMMAND_MASTER;
-        self.device
-            .region_write(CONFIG, &c.to_le_bytes(), PCI_COMMAND);
+        self.stop_dma();
     }
 }
 

@@ -9,7 +9,6 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use leap_queues::nvme::{io, psdt, sgl_subtype, sgl_type};
 use leap_queues::prp::{build_prps, PrpBuildError};
@@ -18,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::ctrl::{lock, Ctrl, Expired, Rings, GONE};
 use super::dma::{DmaBuf, Table};
+use super::LIST_BYTES;
 use crate::backend::{BackendQueue, IoRequest, Submitted, MAX_IOVECS};
 
 #[derive(Clone, Copy)]
@@ -26,7 +26,10 @@ struct Slot {
     tag: u64,
     /// The command as sent (resubmitted after a reset).
     sqe: Sqe,
-    started: Instant,
+    /// The watchdog tick it was (re)submitted at: no clock read per command.
+    started: u64,
+    /// Bumped at every submission, so an Abort decided earlier can tell the slot was reused.
+    seq: u64,
     aborted: bool,
 }
 
@@ -34,9 +37,8 @@ struct Slot {
 pub(crate) struct QueueHw {
     pub qid: u16,
     pub rings: Rings,
-    /// One PRP list (or SGL segment, or DSM range list) page per slot.
+    /// One PRP list (or SGL segment, or DSM range list) of [`LIST_BYTES`] per slot.
     lists: DmaBuf,
-    page: usize,
     slots: Vec<Slot>,
     free: Vec<u16>,
     in_flight: usize,
@@ -44,13 +46,14 @@ pub(crate) struct QueueHw {
     pub frozen: bool,
     /// The controller failed or went away: everything completes with [`GONE`].
     pub failed: bool,
+    /// Completions taken off the CQ by a reset (before it wiped the ring), for the next poll.
+    reaped: Vec<(u64, Status)>,
 }
 
 impl QueueHw {
     /// Pushes every command still in flight again (after the queue was re-created); returns
     /// how many.
-    pub fn resubmit(&mut self) -> usize {
-        let now = Instant::now();
+    pub fn resubmit(&mut self, now: u64) -> usize {
         let mut n = 0;
         for k in 0..self.slots.len() {
             if !self.slots[k].busy {
@@ -67,9 +70,23 @@ impl QueueHw {
         n
     }
 
-    /// Commands past `timeout`: the first time (abort them), or past twice that after their
-    /// Abort (reset the controller).
-    pub fn expired(&mut self, timeout: Duration) -> Vec<(u16, Expired)> {
+    /// Takes every completion already in the CQ (a reset is about to wipe it): their commands
+    /// finished and must not run again; the next `poll` reports them.
+    pub fn reap(&mut self) {
+        while let Some(c) = self.rings.pop() {
+            let k = c.cid() as usize;
+            if let Some(s) = self.slots.get(k).filter(|s| s.busy) {
+                self.reaped.push((s.tag, c.status()));
+                self.slots[k].busy = false;
+                self.free.push(k as u16);
+                self.in_flight -= 1;
+            }
+        }
+    }
+
+    /// Commands older than `timeout` watchdog ticks (now is `now`): the first time (abort them:
+    /// slot, sequence), or twice that after their Abort (reset the controller).
+    pub fn expired(&mut self, now: u64, timeout: u64) -> Vec<(u16, u64, Expired)> {
         let mut out = Vec::new();
         if self.frozen || self.failed {
             return out;
@@ -78,20 +95,27 @@ impl QueueHw {
             if !s.busy {
                 continue;
             }
-            let age = s.started.elapsed();
+            let age = now.saturating_sub(s.started);
             if !s.aborted && age > timeout {
                 s.aborted = true;
-                out.push((k as u16, Expired::First));
+                out.push((k as u16, s.seq, Expired::First));
             } else if s.aborted && age > 2 * timeout {
-                out.push((k as u16, Expired::AfterAbort));
+                out.push((k as u16, s.seq, Expired::AfterAbort));
             }
         }
         out
     }
 
+    /// Whether slot `k` still holds the submission numbered `seq`.
+    pub fn holds(&self, k: u16, seq: u64) -> bool {
+        self.slots
+            .get(k as usize)
+            .is_some_and(|s| s.busy && s.seq == seq)
+    }
+
     fn list(&self, k: u16) -> (*mut u8, u64) {
-        let off = k as usize * self.page;
-        // SAFETY: `k < slots.len()` and the buffer holds one page per slot.
+        let off = k as usize * LIST_BYTES;
+        // SAFETY: `k < slots.len()` and the buffer holds LIST_BYTES per slot.
         (
             unsafe { self.lists.ptr().add(off) },
             self.lists.iova() + off as u64,
@@ -118,37 +142,38 @@ impl VfioQueue {
     pub(super) fn open(ctrl: Arc<Ctrl>, nsid: u32, entries: u32) -> Result<VfioQueue, String> {
         let size = entries.clamp(2, ctrl.mqes.min(1025));
         let (qid, rings) = ctrl.new_queue(size)?;
-        let page = ctrl.page as usize;
         let nslots = size as usize - 1;
-        let lists = match ctrl.dma.alloc(nslots * page) {
-            Ok(l) => l,
+        // Everything the queue needs first; then it is created on the controller and
+        // registered in one step, so no reset or failure can miss it.
+        let parts = ctrl
+            .dma
+            .alloc(nslots * LIST_BYTES)
+            .map_err(|e| format!("PRP list pages: {e}"))
+            .and_then(|lists| match ctrl.vector(qid) {
+                Some(v) => ctrl.vectors[v as usize]
+                    .try_clone()
+                    .map(|fd| (lists, Some(fd)))
+                    .map_err(|e| format!("eventfd: {e}")),
+                None => Ok((lists, None)),
+            });
+        let (lists, wake) = match parts {
+            Ok(p) => p,
             Err(e) => {
-                ctrl.delete_queue(qid);
-                return Err(format!("PRP list pages: {e}"));
+                ctrl.put_qid(qid);
+                return Err(e);
             }
         };
-        let wake = match ctrl.vector(qid) {
-            Some(v) => match ctrl.vectors[v as usize].try_clone() {
-                Ok(fd) => Some(fd),
-                Err(e) => {
-                    ctrl.delete_queue(qid);
-                    return Err(format!("eventfd: {e}"));
-                }
-            },
-            None => None,
-        };
-        let now = Instant::now();
         let hw = Arc::new(Mutex::new(QueueHw {
             qid,
             rings,
             lists,
-            page,
             slots: vec![
                 Slot {
                     busy: false,
                     tag: 0,
                     sqe: Sqe::default(),
-                    started: now,
+                    started: 0,
+                    seq: 0,
                     aborted: false,
                 };
                 nslots
@@ -157,8 +182,12 @@ impl VfioQueue {
             in_flight: 0,
             frozen: false,
             failed: false,
+            reaped: Vec::with_capacity(nslots),
         }));
-        ctrl.register(&hw);
+        if let Err(e) = ctrl.attach(&hw) {
+            ctrl.put_qid(qid);
+            return Err(e);
+        }
         let (table, gen) = ctrl.dma.table();
         Ok(VfioQueue {
             ctrl,
@@ -193,11 +222,11 @@ impl VfioQueue {
         }
         true
     }
+}
 
-    fn refuse(&self, counter: &std::sync::atomic::AtomicU64, status: Status) -> Submitted {
-        counter.fetch_add(1, Ordering::Relaxed);
-        Submitted::Done(status)
-    }
+fn refuse(counter: &std::sync::atomic::AtomicU64, status: Status) -> Submitted {
+    counter.fetch_add(1, Ordering::Relaxed);
+    Submitted::Done(status)
 }
 
 /// Writes an SGL for `segs` at `list` (device address `list_iova`, room for `max` descriptors)
@@ -238,9 +267,10 @@ unsafe fn write_sgl(
 impl BackendQueue for VfioQueue {
     fn room(&self) -> usize {
         let hw = lock(&self.hw);
-        if hw.frozen {
+        if hw.frozen && !hw.failed {
             0
         } else {
+            // A failed queue takes everything, to answer it at once with GONE.
             hw.free.len()
         }
     }
@@ -250,8 +280,6 @@ impl BackendQueue for VfioQueue {
     }
 
     unsafe fn submit(&mut self, req: &IoRequest<'_>) -> Submitted {
-        let ctrl = self.ctrl.clone();
-        let stats = &ctrl.stats;
         let Some(cmd) = req.cmd else {
             return Submitted::Done(Status::INTERNAL_ERROR);
         };
@@ -263,18 +291,20 @@ impl BackendQueue for VfioQueue {
                 self.ctrl.name,
                 req.tag
             );
-            return self.refuse(&stats.unmapped, Status::DATA_TRANSFER_ERROR.with_dnr());
+            return refuse(
+                &self.ctrl.stats.unmapped,
+                Status::DATA_TRANSFER_ERROR.with_dnr(),
+            );
         }
-        let hw_arc = self.hw.clone();
-        let mut hw = lock(&hw_arc);
+        let stats = &self.ctrl.stats;
+        let mut hw = lock(&self.hw);
         if hw.failed {
-            return self.refuse(&stats.failed, GONE);
+            return refuse(&stats.failed, GONE);
         }
         let Some(k) = hw.free.pop() else {
             return Submitted::Done(Status::INTERNAL_ERROR);
         };
         let (list, list_iova) = hw.list(k);
-        let page = hw.page;
         let mut sqe = *cmd;
         sqe.set_cid(k);
         sqe.set_nsid(self.nsid);
@@ -283,13 +313,13 @@ impl BackendQueue for VfioQueue {
             // The range list goes into the slot's page: the caller's copy may be in a capsule
             // the device cannot reach.
             let total: usize = req.iov.iter().map(|v| v.iov_len).sum();
-            if total > page {
+            if total > LIST_BYTES {
                 Err((Status::INVALID_FIELD, false))
             } else {
                 let mut at = 0;
                 for v in req.iov {
                     // SAFETY: the iovec is readable memory of the caller's (submit's contract)
-                    // and `at + len <= total <= page` bytes of the slot's list page are free.
+                    // and `at + len <= total <= LIST_BYTES` bytes of the slot's list are free.
                     unsafe {
                         std::ptr::copy_nonoverlapping(
                             v.iov_base.cast::<u8>(),
@@ -307,7 +337,7 @@ impl BackendQueue for VfioQueue {
             Ok(())
         } else {
             let put = |i: usize, e: u64| {
-                // SAFETY: `i < page / 8` (build_prps never exceeds the length given), inside the
+                // SAFETY: `i < LIST_BYTES / 8` (build_prps never exceeds the length given), inside the
                 // slot's list page, which the device does not read until this command is sent.
                 unsafe { list.cast::<u64>().add(i).write_volatile(e.to_le()) }
             };
@@ -315,7 +345,7 @@ impl BackendQueue for VfioQueue {
                 self.segs.iter().copied(),
                 u64::from(self.ctrl.page),
                 list_iova,
-                page / 8,
+                LIST_BYTES / 8,
                 put,
             ) {
                 Ok((p1, p2)) => {
@@ -323,8 +353,8 @@ impl BackendQueue for VfioQueue {
                     Ok(())
                 }
                 Err(PrpBuildError::Unaligned) if self.ctrl.sgls() => {
-                    // SAFETY: the slot's list page, `page` bytes, unused by the device now.
-                    match unsafe { write_sgl(&self.segs, list, list_iova, page / 16) } {
+                    // SAFETY: the slot's list, LIST_BYTES bytes, unused by the device now.
+                    match unsafe { write_sgl(&self.segs, list, list_iova, LIST_BYTES / 16) } {
                         Some(d) => {
                             sqe.set_psdt(psdt::SGL_MPTR_CONTIG);
                             sqe.set_sgl1(d);
@@ -343,19 +373,26 @@ impl BackendQueue for VfioQueue {
             if unaligned {
                 crate::log_limited!(
                     log::Level::Warn,
-                    "{}: request {:#x} refused: its buffers are not page aligned as PRPs need and the controller has no SGLs",
+                    "{}: request {:#x} refused: its buffers are not page aligned as PRPs need, and {}",
                     self.ctrl.name,
-                    req.tag
+                    req.tag,
+                    if self.ctrl.sgls() {
+                        "they need more SGL descriptors than fit"
+                    } else {
+                        "the controller has no SGLs"
+                    }
                 );
-                return self.refuse(&stats.unaligned, status);
+                return refuse(&stats.unaligned, status);
             }
             return Submitted::Done(status);
         }
+        let seq = hw.slots[k as usize].seq.wrapping_add(1);
         hw.slots[k as usize] = Slot {
             busy: true,
             tag: req.tag,
             sqe,
-            started: Instant::now(),
+            started: self.ctrl.tick(),
+            seq,
             aborted: false,
         };
         hw.in_flight += 1;
@@ -382,6 +419,7 @@ impl BackendQueue for VfioQueue {
         self.done.clear();
         {
             let mut hw = lock(&self.hw);
+            self.done.append(&mut hw.reaped);
             if hw.failed {
                 for k in 0..hw.slots.len() {
                     if hw.slots[k].busy {
@@ -397,7 +435,7 @@ impl BackendQueue for VfioQueue {
                     .fetch_add(self.done.len() as u64, Ordering::Relaxed);
             } else if !hw.frozen {
                 let bad0 = hw.rings.bad_heads;
-                while self.done.len() < self.depth {
+                while self.done.len() < 2 * self.depth {
                     let Some(c) = hw.rings.pop() else { break };
                     let k = c.cid() as usize;
                     match hw.slots.get(k) {
@@ -452,16 +490,16 @@ impl BackendQueue for VfioQueue {
             let _ = w.read();
         }
         let hw = lock(&self.hw);
-        if hw.failed {
+        if !hw.reaped.is_empty() {
+            return true;
+        }
+        if hw.failed || self.wake.is_none() {
+            // Failed: finish what is in flight. No interrupts: poll while anything is.
             return hw.in_flight > 0;
         }
         if hw.frozen {
             // The reset signals the vector when it is done.
             return false;
-        }
-        if self.wake.is_none() {
-            // No interrupts: poll while anything is in flight.
-            return hw.in_flight > 0;
         }
         hw.rings.cq.pending()
     }
@@ -470,8 +508,9 @@ impl BackendQueue for VfioQueue {
 impl Drop for VfioQueue {
     fn drop(&mut self) {
         // Closed first, so a reset does not bring it back; then off the controller; the memory
-        // goes with `hw`, once the watchdog lets go of it.
+        // goes with `hw`, once the watchdog lets go of it (or stays with the controller if the
+        // controller would not delete the queue: it might still DMA into it).
         lock(&self.hw).failed = true;
-        self.ctrl.delete_queue(self.qid);
+        self.ctrl.delete_queue(self.qid, &self.hw);
     }
 }

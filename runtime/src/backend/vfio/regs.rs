@@ -7,7 +7,8 @@
 //! phase tag the rest of the entry must be read after it (`dma_rmb`). On x86 both are compiler
 //! barriers only (stores are not reordered with each other, loads not with each other); on Arm
 //! they are `dmb oshst` and `dmb oshld`, outer shareable because the device is not in the inner
-//! shareable domain. Other targets get full fences.
+//! shareable domain. Other targets get SeqCst fences, which are only CPU barriers: a port there
+//! must add its architecture's I/O barriers.
 
 use leap_queues::ring::{CqSlots, DoorbellReg, RawSlots, Slots};
 use leap_queues::sync::Ordering;
@@ -166,7 +167,7 @@ impl Drop for Bar {
 }
 
 /// A doorbell register in BAR0. A store writes the register after a DMA write barrier; a load
-/// reads nothing from the device (doorbells are write-only) and answers the last value stored.
+/// reads nothing from the device (doorbells are write-only) and answers 0: no ring reads it.
 pub struct MmioDoorbell {
     bar: Arc<Bar>,
     off: usize,

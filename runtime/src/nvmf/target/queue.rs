@@ -139,7 +139,10 @@ pub(super) struct TcpQueue {
     discovery: bool,
     /// The pool's DMA mappings for the namespaces' back ends that need them (a VFIO
     /// controller), one per back end seen; before `pool`, so they go before its memory.
-    dma: Vec<(usize, crate::backend::DmaGuard)>,
+    dma: Vec<(
+        std::sync::Weak<dyn crate::backend::Backend>,
+        crate::backend::DmaGuard,
+    )>,
     pool: BufPool,
     empty: Arc<AddressSpace>,
     slots: Vec<Slot>,
@@ -261,10 +264,15 @@ impl TcpQueue {
     /// DMA-maps the buffer pool for every back end in `nss` that needs it (a VFIO controller
     /// reads and writes the pool itself), once per back end.
     fn map_pool(&mut self, nss: &Namespaces) -> std::io::Result<()> {
+        // A back end that is gone cannot be doing DMA any more: its mapping can go too.
+        self.dma.retain(|(w, _)| w.strong_count() > 0);
         for (_, ns) in nss.iter() {
             let b = ns.backend();
-            let key = Arc::as_ptr(b) as *const u8 as usize;
-            if self.dma.iter().any(|(k, _)| *k == key) {
+            if self
+                .dma
+                .iter()
+                .any(|(w, _)| w.upgrade().is_some_and(|a| Arc::ptr_eq(&a, b)))
+            {
                 continue;
             }
             let (base, len) = (self.pool.ptr(0), self.pool.len() * self.pool.slot_size());
@@ -272,7 +280,7 @@ impl TcpQueue {
             // SAFETY: the pool's mapping outlives the guard (declared before `pool`, so dropped
             // first), and pool memory is only accessed through raw pointers.
             match unsafe { b.map_dma(base, len) } {
-                Ok(Some(g)) => self.dma.push((key, g)),
+                Ok(Some(g)) => self.dma.push((Arc::downgrade(b), g)),
                 Ok(None) => {}
                 Err(e) => return Err(std::io::Error::other(e.to_string())),
             }
