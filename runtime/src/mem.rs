@@ -15,13 +15,18 @@ pub fn page_size() -> usize {
 /// Maps `len` bytes of private anonymous memory, reserved but not committed (`MAP_NORESERVE`):
 /// pages are backed as they are first touched. The caller owns the mapping and unmaps it.
 pub(crate) fn map_anonymous(len: usize) -> std::io::Result<*mut u8> {
-    // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+    map_anon(len, libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+}
+
+/// Maps `len` bytes of anonymous memory with `flags` (besides `MAP_ANONYMOUS`).
+fn map_anon(len: usize, flags: i32) -> std::io::Result<*mut u8> {
+    // SAFETY: a fresh anonymous mapping; no existing memory is affected.
     let base = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            flags | libc::MAP_ANONYMOUS,
             -1,
             0,
         )
@@ -50,6 +55,14 @@ impl Anon {
     pub(crate) fn new(len: usize) -> std::io::Result<Anon> {
         Ok(Anon {
             ptr: map_anonymous(len)?,
+            len,
+        })
+    }
+    /// `len` bytes for a device's DMA: shared (a fork never gives a child copy-on-write pages
+    /// under the device) and populated (VFIO pins them anyway).
+    pub(crate) fn new_for_dma(len: usize) -> std::io::Result<Anon> {
+        Ok(Anon {
+            ptr: map_anon(len, libc::MAP_SHARED | libc::MAP_POPULATE)?,
             len,
         })
     }

@@ -31,15 +31,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-missing=$(guest_missing_deps 0)
-if [ -n "$missing" ]; then
-  if [ "${CI:-}" = true ] || [ "${LEAP_REQUIRE_GUEST:-0}" = 1 ]; then
-    echo "guest-crash: ERROR: missing $missing (run scripts/install-deps.sh as root)" >&2
-    exit 1
-  fi
-  echo "guest-crash: SKIPPED -- missing $missing (LEAP_REQUIRE_GUEST=1 makes this fatal)" >&2
-  exit 0
-fi
+guest_deps_or_skip guest-crash
 
 mb=${CRASH_WRITE_MB:-4}
 mkdir -p "$root/target/guest/logs"

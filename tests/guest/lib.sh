@@ -1,5 +1,8 @@
 # Host-side helpers for Leap's guest scripts (bash; sourced, not run).
 #   guest_missing_deps          prints what the guest tests need but cannot find (empty: all there)
+#   guest_deps_or_skip WHO [CMD...]  returns if the guest tests' tools (and CMDs) are there;
+#                               otherwise exits: 1 with CI=true or LEAP_REQUIRE_GUEST=1, else 0
+#                               after a loud SKIPPED banner
 #   backend_start KIND IMG SOCK QUEUES LOG [EXTRA]   KIND = leapd | qsd; sets BACKEND_PID
 #   backend_stop [TIMEOUT_S]    SIGTERM + wait; sets BACKEND_RC (exit status, 124 if it hung)
 #   proc_cpu_ticks PID          utime+stime of PID (all threads) in clock ticks
@@ -24,6 +27,23 @@ guest_missing_deps() {
   fi
   [ "$need_qsd" = 1 ] && ! command -v qemu-storage-daemon >/dev/null && m+=("qemu-storage-daemon")
   echo "${m[*]}"
+}
+
+guest_deps_or_skip() {
+  local who=$1 missing c
+  shift
+  missing=$(guest_missing_deps 0)
+  for c in "$@"; do command -v "$c" >/dev/null || missing="${missing:+$missing }$c"; done
+  [ -n "$missing" ] || return 0
+  if [ "${CI:-}" = true ] || [ "${LEAP_REQUIRE_GUEST:-0}" = 1 ]; then
+    echo "$who: FAIL: missing $missing (scripts/install-deps.sh installs them)" >&2
+    exit 1
+  fi
+  echo "########################################################################" >&2
+  echo "$who: SKIPPED -- these guest tests did NOT run: missing $missing" >&2
+  echo "(scripts/install-deps.sh installs them; CI=true or LEAP_REQUIRE_GUEST=1 makes this fatal)" >&2
+  echo "########################################################################" >&2
+  exit 0
 }
 
 leapd_path() {

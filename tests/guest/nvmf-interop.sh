@@ -24,21 +24,10 @@ root=$(cd "$here/../.." && pwd)
 leapd=${LEAPD:-$root/target/release/leapd}
 leapctl=$(dirname "$leapd")/leapctl
 if [ $# -gt 0 ]; then cases=("$@"); else cases=(host-initiator leap-to-leap leap-to-nvmet overload); fi
-require=0
-{ [ "${CI:-}" = true ] || [ "${LEAP_REQUIRE_GUEST:-0}" = 1 ]; } && require=1
 
-missing=()
-for t in qemu-system-x86_64 fio nvme busybox cpio; do command -v "$t" >/dev/null || missing+=("$t"); done
-ls /boot/vmlinuz-* >/dev/null 2>&1 || missing+=("a guest kernel (linux-image-amd64)")
-if [ ${#missing[@]} -gt 0 ]; then
-  if [ "$require" = 1 ]; then
-    echo "nvmf-interop: FAIL: missing ${missing[*]} (scripts/install-deps.sh installs them)" >&2; exit 1
-  fi
-  echo "########################################################################" >&2
-  echo "nvmf-interop: SKIPPED: missing ${missing[*]} (scripts/install-deps.sh)" >&2
-  echo "########################################################################" >&2
-  exit 0
-fi
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$here/lib.sh"
+guest_deps_or_skip nvmf-interop python3
 [ -x "$leapd" ] || { echo "nvmf-interop: $leapd not built (cargo build --release -p leap-soc)" >&2; exit 1; }
 
 work=$(mktemp -d "$root/target/nvmf-interop.XXXXXX")

@@ -46,20 +46,8 @@ for c in "${cases[@]}"; do
   case "$c" in driver|bench|chain) ;; -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "vfio-guest: unknown case '$c' (driver, bench, chain)" >&2; exit 2 ;; esac
 done
-require=0
-{ [ "${CI:-}" = true ] || [ "${LEAP_REQUIRE_GUEST:-0}" = 1 ]; } && require=1
 
-missing=$(guest_missing_deps 0)
-command -v python3 >/dev/null || missing="${missing:+$missing }python3"
-if [ -n "$missing" ]; then
-  if [ "$require" = 1 ]; then
-    echo "vfio-guest: FAIL: missing $missing (scripts/install-deps.sh installs them)" >&2; exit 1
-  fi
-  echo "########################################################################" >&2
-  echo "vfio-guest: SKIPPED -- the VFIO guest tests did NOT run: missing $missing" >&2
-  echo "########################################################################" >&2
-  exit 0
-fi
+guest_deps_or_skip vfio-guest python3
 
 log() { echo "vfio-guest: $*" >&2; }
 die() { echo "vfio-guest: FAIL: $*" >&2; exit 1; }

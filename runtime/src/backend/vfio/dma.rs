@@ -327,38 +327,15 @@ impl Dma {
     pub fn alloc(self: &Arc<Self>, len: usize) -> std::io::Result<DmaBuf> {
         let len = round_up(len.max(1), self.page)
             .ok_or_else(|| std::io::Error::other("DMA buffer length overflows"))?;
-        // Shared, so a fork never gives a child copy-on-write pages under the device's DMA;
-        // populated, because VFIO pins the pages anyway.
-        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let ptr = p.cast::<u8>();
-        // SAFETY: `ptr .. ptr + len` is the mapping just made, owned by the DmaBuf below until
-        // it unmaps the IOVA and then the memory; no reference to it is ever made.
-        match unsafe { self.map(ptr, len) } {
-            Ok(iova) => Ok(DmaBuf {
-                dma: self.clone(),
-                ptr,
-                len,
-                iova,
-            }),
-            Err(e) => {
-                // SAFETY: unmapping the mapping made above, which nothing else uses.
-                unsafe { libc::munmap(p, len) };
-                Err(e)
-            }
-        }
+        let mem = crate::mem::Anon::new_for_dma(len)?;
+        // SAFETY: `mem` is a fresh mapping owned by the DmaBuf below, which unmaps the IOVA
+        // before the memory goes; no reference to it is ever made.
+        let iova = unsafe { self.map(mem.ptr(), len)? };
+        Ok(DmaBuf {
+            dma: self.clone(),
+            mem,
+            iova,
+        })
     }
 }
 
@@ -394,21 +371,15 @@ impl Drop for DmaMapping {
 /// Accessed only through raw pointers (the device reads and writes it).
 pub struct DmaBuf {
     dma: Arc<Dma>,
-    ptr: *mut u8,
-    len: usize,
+    /// Unmapped after the IOVA (field order: `Drop` unmaps the IOVA first).
+    mem: crate::mem::Anon,
     iova: u64,
 }
-
-// SAFETY: the buffer is plain memory shared with a device; all access goes through raw
-// pointers by whoever owns it, following the ring or command protocol.
-unsafe impl Send for DmaBuf {}
-// SAFETY: as for Send: `&DmaBuf` only hands out the pointer and addresses.
-unsafe impl Sync for DmaBuf {}
 
 impl DmaBuf {
     /// Process address of the first byte.
     pub fn ptr(&self) -> *mut u8 {
-        self.ptr
+        self.mem.ptr()
     }
     /// Device address of the first byte.
     pub fn iova(&self) -> u64 {
@@ -416,25 +387,24 @@ impl DmaBuf {
     }
     /// Zeroes the buffer (volatile: the device may look at it).
     pub fn zero(&self) {
-        for i in 0..self.len / 8 {
+        for i in 0..self.mem.len() / 8 {
             // SAFETY: in bounds (len is a multiple of 8) and 8-byte aligned (page aligned base).
-            unsafe { self.ptr.cast::<u64>().add(i).write_volatile(0) };
+            unsafe { self.ptr().cast::<u64>().add(i).write_volatile(0) };
         }
     }
     /// Copies `out.len()` bytes from offset `at` (clamped to the buffer).
     pub fn read(&self, at: usize, out: &mut [u8]) {
-        let n = out.len().min(self.len.saturating_sub(at));
+        let n = out.len().min(self.mem.len().saturating_sub(at));
         // SAFETY: `at + n <= len`; the device does not write this buffer while the caller reads
         // it (command data is read after its completion).
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(at), out.as_mut_ptr(), n) };
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr().add(at), out.as_mut_ptr(), n) };
     }
 }
 
 impl Drop for DmaBuf {
     fn drop(&mut self) {
-        self.dma.unmap(self.iova, self.len);
-        // SAFETY: the mapping made in `Dma::alloc`, no longer reachable by the device.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        // The device loses the memory first; `mem` then unmaps it.
+        self.dma.unmap(self.iova, self.mem.len());
     }
 }
 
